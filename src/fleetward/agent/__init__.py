@@ -1,0 +1,1 @@
+"""The device side: roots of trust and the enrollment client (the agent grows around them)."""

@@ -1,0 +1,1 @@
+"""The REST API (FastAPI): operators manage their fleet here; devices attest here."""

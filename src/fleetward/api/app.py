@@ -1,0 +1,83 @@
+"""The ASGI application: routes, limits, error format and the enrollment batcher's lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+import fleetward
+from fleetward.api import errors, routes_attestation, routes_authority, routes_registry
+from fleetward.api.limits import BodyLimit
+from fleetward.authority.service import EnrollmentWork
+from fleetward.compose import Services
+from fleetward.errors import FleetwardError
+from fleetward.store.batching import Batcher
+from fleetward.wire.evidence import EnrollmentResponse
+
+logger = logging.getLogger(__name__)
+
+NONCE_PURGE_SECONDS = 600.0
+
+
+async def _purge_nonces(services: Services) -> None:
+    while True:
+        await asyncio.sleep(NONCE_PURGE_SECONDS)
+        try:
+            purged = await asyncio.to_thread(services.authority.purge_expired_nonces)
+        except FleetwardError as error:
+            logger.warning("could not purge expired nonces: %s", error)
+        else:
+            logger.debug("purged %d expired nonces", purged)
+
+
+def create_app(services: Services) -> FastAPI:
+    """The API for ``services``; the enrollment batcher runs while the app does."""
+    limits = services.settings.limits
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher: Batcher[EnrollmentWork, EnrollmentResponse] = Batcher(
+            services.authority.process_enrollments,
+            name="enrollments",
+            max_batch=limits.enrollment_batch_max,
+            max_pending=limits.enrollment_queue_max,
+        )
+        async with batcher:
+            app.state.enrollments = batcher
+            purger = asyncio.create_task(_purge_nonces(services))
+            try:
+                yield
+            finally:
+                purger.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await purger
+
+    app = FastAPI(
+        title="fleetward",
+        version=fleetward.__version__,
+        summary="Secures fleets of connected devices: identity, attestation, 24-hour certificates.",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+
+    def limit_for(path: str) -> int:
+        if path.endswith(("/devices/claim", "/reference-values")):
+            return limits.max_bulk_request_bytes
+        return limits.max_request_bytes
+
+    app.add_middleware(BodyLimit, limit_for=limit_for)
+    errors.install(app)
+    app.include_router(routes_attestation.router)
+    app.include_router(routes_registry.router)
+    app.include_router(routes_authority.router)
+
+    @app.get("/healthz", tags=["service"])
+    def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok", "version": fleetward.__version__}
+
+    return app

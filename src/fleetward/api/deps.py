@@ -1,0 +1,44 @@
+"""Request dependencies: the services, and the principal behind the bearer token."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from fleetward.authority.service import AuthorityService
+from fleetward.compose import Services
+from fleetward.errors import Unauthenticated
+from fleetward.registry.access import Principal
+from fleetward.registry.service import RegistryService
+
+
+def services(request: Request) -> Services:
+    found: Services = request.app.state.services
+    return found
+
+
+def registry(request: Request) -> RegistryService:
+    return services(request).registry
+
+
+def authority(request: Request) -> AuthorityService:
+    return services(request).authority
+
+
+def principal(
+    request: Request,
+    authorization: Annotated[str | None, Header(max_length=256)] = None,
+) -> Principal:
+    """The operator behind ``Authorization: Bearer fwt_…``; 401 without a live token."""
+    if authorization is None:
+        raise Unauthenticated("this call needs an API token (Authorization: Bearer …)", code="token_missing")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthenticated("use the Bearer scheme with an API token", code="token_malformed")
+    return registry(request).authenticate(token.strip())
+
+
+PrincipalDep = Annotated[Principal, Depends(principal)]
+RegistryDep = Annotated[RegistryService, Depends(registry)]
+AuthorityDep = Annotated[AuthorityService, Depends(authority)]

@@ -1,0 +1,284 @@
+"""API schemas, one per direction: what a caller sends (``…Create``, ``…Update``) and what it gets back."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from fleetward.authority.service import CaKind, RevocationReason
+from fleetward.registry.models import ClaimOutcome, DeviceStatus, OsFeed, Role, UpdatePolicy
+from fleetward.store.events import Severity
+from fleetward.wire.identity import DeviceId, Sha256Hex
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+Description = Annotated[str, StringConstraints(max_length=4096)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Public(BaseModel):
+    model_config = ConfigDict(from_attributes=True, frozen=True)
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="stable, machine-readable reason")
+    message: str = Field(description="what was wrong, for a person")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+# ------------------------------------------------------------------ operators and tokens
+
+
+class OperatorCreate(Strict):
+    email: Annotated[str, StringConstraints(min_length=3, max_length=254)]
+    name: Name
+    can_create_tenants: bool = False
+
+
+class OperatorPublic(Public):
+    id: str
+    email: str
+    name: str
+    can_create_tenants: bool
+    created_at: dt.datetime
+
+
+class OperatorCreated(BaseModel):
+    operator: OperatorPublic
+    token: str = Field(description="a first API token for the new operator; shown once")
+
+
+class Me(BaseModel):
+    operator_id: str
+    email: str
+    token_id: str
+    token_tenant_id: str | None
+    scopes: list[str]
+    roles: dict[str, Role]
+    can_create_tenants: bool
+
+
+class TokenCreate(Strict):
+    name: Name
+    tenant_id: str | None = Field(default=None, description="restrict the token to one tenant")
+    scopes: list[str] = Field(min_length=1, max_length=4, examples=[["read", "write"]])
+    valid_days: int | None = Field(default=None, ge=1, le=3650)
+
+
+class TokenPublic(Public):
+    id: str
+    name: str
+    tenant_id: str | None
+    scopes: list[str]
+    created_at: dt.datetime
+    expires_at: dt.datetime | None
+    revoked_at: dt.datetime | None
+
+
+class TokenCreated(BaseModel):
+    token: TokenPublic
+    secret: str = Field(description="the bearer token; shown once, stored only as its hash")
+
+
+# ------------------------------------------------------------------ tenants and roles
+
+
+class TenantCreate(Strict):
+    name: Name
+
+
+class TenantPublic(Public):
+    id: str
+    name: str
+    created_at: dt.datetime
+
+
+class RoleAssign(Strict):
+    email: Annotated[str, StringConstraints(min_length=3, max_length=254)]
+    role: Role
+
+
+class RolePublic(Public):
+    tenant_id: str
+    operator_id: str
+    email: str
+    role: Role
+    created_at: dt.datetime
+
+
+# ------------------------------------------------------------------ products, groups, devices
+
+
+class ProductCreate(Strict):
+    name: Name
+    description: Description = ""
+
+
+class ProductUpdate(Strict):
+    description: Description
+
+
+class ProductPublic(Public):
+    id: str
+    tenant_id: str
+    name: str
+    description: str
+    created_at: dt.datetime
+
+
+class DeviceGroupCreate(Strict):
+    product: Name = Field(description="the product's id or name")
+    name: Name
+    description: Description = ""
+    update_policy: UpdatePolicy = UpdatePolicy.UPDATE_ALL
+    os_feed: OsFeed = OsFeed.RETAIL
+    allow_crash_dumps: bool = False
+
+
+class DeviceGroupUpdate(Strict):
+    name: Name | None = None
+    description: Description | None = None
+    update_policy: UpdatePolicy | None = None
+    os_feed: OsFeed | None = None
+    allow_crash_dumps: bool | None = None
+
+
+class DeviceGroupPublic(Public):
+    id: str
+    tenant_id: str
+    product_id: str
+    name: str
+    description: str
+    update_policy: UpdatePolicy
+    os_feed: OsFeed
+    allow_crash_dumps: bool
+    created_at: dt.datetime
+
+
+class ProductCreated(BaseModel):
+    product: ProductPublic
+    device_groups: list[DeviceGroupPublic]
+
+
+class DeviceClaimItem(Strict):
+    device_id: Annotated[str, StringConstraints(max_length=64)]
+    public_key: Annotated[str, StringConstraints(min_length=1, max_length=2048)] = Field(
+        description="the identity public key, PEM SubjectPublicKeyInfo"
+    )
+
+
+class DeviceClaim(Strict):
+    devices: list[DeviceClaimItem] = Field(min_length=1, max_length=1000)
+    group_id: str | None = Field(default=None, description="put the claimed devices in this group")
+
+
+class ClaimResultPublic(Public):
+    device_id: str
+    outcome: ClaimOutcome
+    code: str | None
+    message: str | None
+
+
+class ClaimResponse(BaseModel):
+    claimed: int
+    already_claimed: int
+    refused: int
+    results: list[ClaimResultPublic]
+
+
+class DeviceUpdate(Strict):
+    group_id: str | None = Field(description="the device's new group, or null for none")
+
+
+class DevicePublic(Public):
+    id: str
+    tenant_id: str
+    public_key_pem: str
+    product_id: str | None
+    group_id: str | None
+    status: DeviceStatus
+    claimed_at: dt.datetime
+    revoked_at: dt.datetime | None
+    last_attested_at: dt.datetime | None
+
+
+class Revoke(Strict):
+    reason: RevocationReason = RevocationReason.UNSPECIFIED
+
+
+class RevokedDevice(BaseModel):
+    device_id: str
+    certificates_revoked: int
+
+
+class CertificatePublic(Public):
+    serial: str
+    tenant_id: str
+    device_id: str
+    issuer_id: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    revoked_at: dt.datetime | None
+    revocation_reason: str | None
+    pem: str
+
+
+# ------------------------------------------------------------------ authority
+
+
+class ReferenceValueItem(Strict):
+    component: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    version: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    sha256: Sha256Hex
+
+
+class ReferenceValuesAdd(Strict):
+    values: list[ReferenceValueItem] = Field(min_length=1, max_length=1000)
+
+
+class ReferenceValuesAdded(BaseModel):
+    added: int
+
+
+class SecurityFloorSet(Strict):
+    minimum_version: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class SecurityFloorPublic(Public):
+    component: str
+    minimum_version: str
+
+
+class CaCertificatePublic(Public):
+    id: str
+    kind: CaKind
+    active: bool
+    not_after: dt.datetime
+    pem: str
+
+
+class ProofOfPossessionCreate(Strict):
+    verification_code: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    ca: CaKind = CaKind.ROOT
+
+
+class EventPublic(Public):
+    id: int | None
+    at: dt.datetime
+    kind: str
+    code: str
+    severity: Severity
+    tenant_id: str | None
+    device_id: str | None
+    actor: str | None
+    detail: str
+
+
+__all__ = ["DeviceId"]

@@ -1,0 +1,1 @@
+"""The authority: per-tenant CAs, attestation, short-lived certificates, revocation and CRLs."""

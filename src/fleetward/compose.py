@@ -1,0 +1,53 @@
+"""The composition root: builds fleetward's services from its settings, once, and hands them out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fleetward.authority.keystore import KeyStore, MasterKeyStore, load_master_key
+from fleetward.authority.service import AuthorityService
+from fleetward.clock import Clock, SystemClock
+from fleetward.config import Settings
+from fleetward.registry.service import RegistryService
+from fleetward.store.database import Database
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    clock: Clock
+    database: Database
+    registry: RegistryService
+    authority: AuthorityService
+
+    def close(self) -> None:
+        self.database.dispose()
+
+
+def build_services(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    keystore: KeyStore | None = None,
+    create_master_key: bool = False,
+    migrate: bool = True,
+) -> Services:
+    """Open the store (migrating it to the newest schema) and wire the services to it."""
+    clock = clock or SystemClock()
+    if keystore is None:
+        master = load_master_key(
+            settings.master_key_file,
+            settings.master_key,
+            create=create_master_key,
+        )
+        keystore = MasterKeyStore(master)
+    database = Database(settings.resolved_database_url)
+    if migrate:
+        database.upgrade()
+    return Services(
+        settings=settings,
+        clock=clock,
+        database=database,
+        registry=RegistryService(database, clock, settings.limits),
+        authority=AuthorityService(database, keystore, clock, settings.limits, settings.public_url),
+    )

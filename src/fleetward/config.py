@@ -1,0 +1,116 @@
+"""Typed, frozen configuration. Read once by the composition root, handed to the services that need it.
+
+Every input from a device or an operator has a bound here, with its unit in the name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from fleetward.errors import ConfigurationError
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what fleetward accepts. Each is configurable as ``FLEETWARD_LIMIT_<NAME>``."""
+
+    max_request_bytes: int = 64 * 1024
+    max_bulk_request_bytes: int = 1024 * 1024
+    max_csr_bytes: int = 4 * 1024
+    max_public_key_bytes: int = 1024
+    max_measurements: int = 64
+    max_bulk_claim: int = 1000
+    max_name_chars: int = 128
+    max_description_chars: int = 1024
+    max_list_items: int = 1000
+    nonce_ttl_seconds: int = 120
+    certificate_validity_seconds: int = 24 * 3600
+    certificate_backdate_seconds: int = 300
+    crl_validity_seconds: int = 7 * 24 * 3600
+    root_ca_validity_days: int = 20 * 365
+    issuing_ca_validity_days: int = 5 * 365
+    token_max_validity_days: int = 365
+    enrollment_batch_max: int = 256
+    enrollment_queue_max: int = 4096
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"limit {item.name} must be an int, not {type(value).__name__}")
+            if value <= 0:
+                raise ValueError(f"limit {item.name} must be positive, got {value}")
+        if self.certificate_validity_seconds < 600:
+            raise ValueError("certificate_validity_seconds must be at least 600")
+
+
+def _default_data_dir() -> Path:
+    return Path(".fleetward")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a fleetward server runs with."""
+
+    data_dir: Path = field(default_factory=_default_data_dir)
+    database_url: str | None = None
+    public_url: str = "http://127.0.0.1:8443"
+    host: str = "127.0.0.1"
+    port: int = 8443
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+    #: base64 master key shared by several nodes; otherwise the key file in ``data_dir`` is used.
+    master_key: str | None = field(default=None, repr=False)
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, or the embedded SQLite file in the data directory."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'fleetward.db').resolve()}"
+
+    @property
+    def master_key_file(self) -> Path:
+        return self.data_dir / "master.key"
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Settings from ``FLEETWARD_*`` variables; keyword overrides (from the CLI) win."""
+        env = os.environ if environ is None else environ
+        limit_values: dict[str, int] = {}
+        for item in fields(Limits):
+            raw = env.get(f"FLEETWARD_LIMIT_{item.name.upper()}")
+            if raw is not None:
+                try:
+                    limit_values[item.name] = int(raw)
+                except ValueError:
+                    raise ConfigurationError(
+                        f"FLEETWARD_LIMIT_{item.name.upper()} must be an integer, got {raw!r}"
+                    ) from None
+        try:
+            limits = Limits(**limit_values)
+        except (TypeError, ValueError) as error:
+            raise ConfigurationError(str(error)) from None
+        settings = cls(limits=limits)
+        from_env: dict[str, object] = {}
+        if "FLEETWARD_DATA_DIR" in env:
+            from_env["data_dir"] = Path(env["FLEETWARD_DATA_DIR"])
+        if "FLEETWARD_DATABASE_URL" in env:
+            from_env["database_url"] = env["FLEETWARD_DATABASE_URL"]
+        if "FLEETWARD_PUBLIC_URL" in env:
+            from_env["public_url"] = env["FLEETWARD_PUBLIC_URL"]
+        if "FLEETWARD_MASTER_KEY" in env:
+            from_env["master_key"] = env["FLEETWARD_MASTER_KEY"]
+        if "FLEETWARD_HOST" in env:
+            from_env["host"] = env["FLEETWARD_HOST"]
+        if "FLEETWARD_PORT" in env:
+            try:
+                from_env["port"] = int(env["FLEETWARD_PORT"])
+            except ValueError:
+                raise ConfigurationError("FLEETWARD_PORT must be an integer") from None
+        from_env.update({key: value for key, value in overrides.items() if value is not None})
+        return replace(settings, **from_env)  # type: ignore[arg-type]

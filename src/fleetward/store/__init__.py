@@ -1,0 +1,1 @@
+"""The store: one schema on SQLite (embedded default) or PostgreSQL (scale-out)."""

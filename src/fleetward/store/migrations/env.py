@@ -1,0 +1,14 @@
+"""Alembic environment: fleetward hands over an open connection (see ``Database.upgrade``)."""
+
+from alembic import context
+
+from fleetward.store.schema import metadata
+
+connection = context.config.attributes["connection"]
+context.configure(
+    connection=connection,
+    target_metadata=metadata,
+    render_as_batch=connection.dialect.name == "sqlite",
+)
+with context.begin_transaction():
+    context.run_migrations()

@@ -1,0 +1,222 @@
+"""The one schema of fleetward, for SQLite and PostgreSQL alike. Migrations build it (``migrations/``).
+
+Every row that belongs to a tenant carries ``tenant_id``, and every query of the services filters on it.
+Private keys live here only sealed (``sealed_key``: AES-256-GCM under the master key, see
+``authority/keystore.py``); API tokens only as their SHA-256.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.types import TypeDecorator
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING)
+
+
+class UtcDateTime(TypeDecorator[dt.datetime]):
+    """Timezone-aware UTC in Python, naive UTC in the database (SQLite has no time zones)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("fleetward stores only timezone-aware datetimes")
+        return value.astimezone(dt.UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC)
+
+
+ID = 36  # a UUID in text form
+DEVICE_ID = 64
+NAME = 128
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("name", String(NAME), nullable=False, unique=True),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+operators = Table(
+    "operators",
+    metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("email", String(254), nullable=False, unique=True),
+    Column("name", String(NAME), nullable=False),
+    Column("can_create_tenants", Boolean, nullable=False, default=False),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+role_assignments = Table(
+    "role_assignments",
+    metadata,
+    Column("tenant_id", String(ID), ForeignKey("tenants.id"), primary_key=True),
+    Column("operator_id", String(ID), ForeignKey("operators.id"), primary_key=True),
+    Column("role", String(32), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("operator_id", String(ID), ForeignKey("operators.id"), nullable=False, index=True),
+    Column("tenant_id", String(ID), ForeignKey("tenants.id"), nullable=True),
+    Column("name", String(NAME), nullable=False),
+    Column("scopes", String(NAME), nullable=False),
+    Column("secret_sha256", String(64), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("expires_at", UtcDateTime, nullable=True),
+    Column("revoked_at", UtcDateTime, nullable=True),
+)
+
+products = Table(
+    "products",
+    metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("tenant_id", String(ID), ForeignKey("tenants.id"), nullable=False),
+    Column("name", String(NAME), nullable=False),
+    Column("description", Text, nullable=False, default=""),
+    Column("created_at", UtcDateTime, nullable=False),
+    UniqueConstraint("tenant_id", "name"),
+)
+
+device_groups = Table(
+    "device_groups",
+    metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("tenant_id", String(ID), ForeignKey("tenants.id"), nullable=False),
+    Column("product_id", String(ID), ForeignKey("products.id"), nullable=False),
+    Column("name", String(NAME), nullable=False),
+    Column("description", Text, nullable=False, default=""),
+    Column("update_policy", String(32), nullable=False),
+    Column("os_feed", String(32), nullable=False),
+    Column("allow_crash_dumps", Boolean, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    UniqueConstraint("product_id", "name"),
+    Index("ix_device_groups_tenant_product", "tenant_id", "product_id"),
+)
+
+devices = Table(
+    "devices",
+    metadata,
+    # The device id is global: a device is claimed into exactly one tenant, once.
+    Column("id", String(DEVICE_ID), primary_key=True),
+    Column("tenant_id", String(ID), ForeignKey("tenants.id"), nullable=False),
+    Column("public_key", LargeBinary, nullable=False),
+    Column("product_id", String(ID), ForeignKey("products.id"), nullable=True),
+    Column("group_id", String(ID), ForeignKey("device_groups.id"), nullable=True),
+    Column("status", String(16), nullable=False),
+    Column("claimed_at", UtcDateTime, nullable=False),
+    Column("revoked_at", UtcDateTime, nullable=True),
+    Column("last_attested_at", UtcDateTime, nullable=True),
+    Index("ix_devices_tenant_group", "tenant_id", "group_id"),
+)
+
+reference_values = Table(
+    "reference_values",
+    metadata,
+    Column("tenant_id", String(ID), ForeignKey("tenants.id"), primary_key=True),
+    Column("component", String(NAME), primary_key=True),
+    Column("version", String(64), primary_key=True),
+    Column("sha256", String(64), primary_key=True),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+security_floors = Table(
+    "security_floors",
+    metadata,
+    Column("tenant_id", String(ID), ForeignKey("tenants.id"), primary_key=True),
+    Column("component", String(NAME), primary_key=True),
+    Column("minimum_version", String(64), nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+certificate_authorities = Table(
+    "certificate_authorities",
+    metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("tenant_id", String(ID), ForeignKey("tenants.id"), nullable=False),
+    Column("kind", String(16), nullable=False),  # root | issuing
+    Column("certificate", LargeBinary, nullable=False),  # DER
+    Column("sealed_key", LargeBinary, nullable=False),
+    Column("not_after", UtcDateTime, nullable=False),
+    Column("active", Boolean, nullable=False),
+    Column("crl_number", BigInteger, nullable=False, default=0),
+    Column("crl", LargeBinary, nullable=True),  # DER, the latest one this CA signed
+    Column("created_at", UtcDateTime, nullable=False),
+    Index("ix_certificate_authorities_tenant_kind", "tenant_id", "kind"),
+)
+
+certificates = Table(
+    "certificates",
+    metadata,
+    Column("serial", String(40), primary_key=True),  # hex
+    Column("tenant_id", String(ID), nullable=False),
+    Column("device_id", String(DEVICE_ID), nullable=False),
+    Column("issuer_id", String(ID), ForeignKey("certificate_authorities.id"), nullable=False),
+    Column("public_key_sha256", String(64), nullable=False),
+    Column("not_before", UtcDateTime, nullable=False),
+    Column("not_after", UtcDateTime, nullable=False),
+    Column("der", LargeBinary, nullable=False),
+    Column("revoked_at", UtcDateTime, nullable=True),
+    Column("revocation_reason", String(32), nullable=True),
+    ForeignKeyConstraint(["device_id"], ["devices.id"]),
+    Index("ix_certificates_tenant_device", "tenant_id", "device_id"),
+    Index("ix_certificates_issuer_revoked", "issuer_id", "revoked_at"),
+)
+
+consumed_nonces = Table(
+    "consumed_nonces",
+    metadata,
+    Column("nonce_id", String(32), primary_key=True),
+    Column("expires_at", UtcDateTime, nullable=False, index=True),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("tenant_id", String(ID), nullable=True),
+    Column("device_id", String(DEVICE_ID), nullable=True),
+    Column("at", UtcDateTime, nullable=False),
+    Column("kind", String(64), nullable=False),
+    Column("code", String(64), nullable=False),
+    Column("severity", String(16), nullable=False),
+    Column("actor", String(NAME), nullable=True),
+    Column("detail", Text, nullable=False),
+    Index("ix_events_tenant_at", "tenant_id", "at"),
+    Index("ix_events_device_at", "device_id", "at"),
+)
