@@ -49,5 +49,5 @@ def build_services(
         clock=clock,
         database=database,
         registry=RegistryService(database, clock, settings.limits),
-        authority=AuthorityService(database, keystore, clock, settings.limits, settings.public_url),
+        authority=AuthorityService(database, keystore, clock, settings.limits, settings.resolved_public_url),
     )

@@ -57,7 +57,8 @@ class Settings:
 
     data_dir: Path = field(default_factory=_default_data_dir)
     database_url: str | None = None
-    public_url: str = "http://127.0.0.1:8443"
+    #: where devices and operators reach this server; derived from host, port and TLS when unset
+    public_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8443
     tls_certificate: Path | None = None
@@ -72,6 +73,13 @@ class Settings:
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'fleetward.db').resolve()}"
+
+    @property
+    def resolved_public_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        scheme = "https" if self.tls_certificate else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     @property
     def master_key_file(self) -> Path:

@@ -14,6 +14,7 @@ from fleetward.api import errors, routes_attestation, routes_authority, routes_r
 from fleetward.api.limits import BodyLimit
 from fleetward.authority.service import EnrollmentWork
 from fleetward.compose import Services
+from fleetward.config import Limits
 from fleetward.errors import FleetwardError
 from fleetward.store.batching import Batcher
 from fleetward.wire.evidence import EnrollmentResponse
@@ -34,12 +35,18 @@ async def _purge_nonces(services: Services) -> None:
             logger.debug("purged %d expired nonces", purged)
 
 
-def create_app(services: Services) -> FastAPI:
-    """The API for ``services``; the enrollment batcher runs while the app does."""
-    limits = services.settings.limits
+def create_app(services: Services | None, *, limits: Limits | None = None) -> FastAPI:
+    """The API for ``services``; the enrollment batcher runs while the app does.
+
+    Without services the app only describes itself (``fleetward openapi``).
+    """
+    limits = services.settings.limits if services is not None else (limits or Limits())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if services is None:
+            yield
+            return
         batcher: Batcher[EnrollmentWork, EnrollmentResponse] = Batcher(
             services.authority.process_enrollments,
             name="enrollments",

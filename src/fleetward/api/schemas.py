@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from fleetward.authority.service import CaKind, RevocationReason
 from fleetward.registry.models import ClaimOutcome, DeviceStatus, OsFeed, Role, UpdatePolicy
 from fleetward.store.events import Severity
-from fleetward.wire.identity import DeviceId, Sha256Hex
+from fleetward.wire.identity import Sha256Hex
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 Description = Annotated[str, StringConstraints(max_length=4096)]
@@ -279,6 +279,3 @@ class EventPublic(Public):
     device_id: str | None
     actor: str | None
     detail: str
-
-
-__all__ = ["DeviceId"]

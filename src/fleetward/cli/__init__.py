@@ -1,0 +1,1 @@
+"""The ``fleetward`` command: runs the server and speaks to its API."""

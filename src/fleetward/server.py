@@ -1,0 +1,85 @@
+"""Running the API: in the foreground (``fleetward serve``) or on a thread (the demo, tests, benchmarks)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import TracebackType
+
+import uvicorn
+
+from fleetward.api.app import create_app
+from fleetward.compose import Services
+from fleetward.errors import ConfigurationError
+
+
+def uvicorn_config(
+    services: Services, *, port: int | None = None, log_level: str = "warning"
+) -> uvicorn.Config:
+    settings = services.settings
+    tls: dict[str, str] = {}
+    if settings.tls_certificate is not None or settings.tls_private_key is not None:
+        if settings.tls_certificate is None or settings.tls_private_key is None:
+            raise ConfigurationError("TLS needs both a certificate and a private key")
+        tls = {"ssl_certfile": str(settings.tls_certificate), "ssl_keyfile": str(settings.tls_private_key)}
+    return uvicorn.Config(
+        create_app(services),
+        host=settings.host,
+        port=settings.port if port is None else port,
+        log_level=log_level,
+        access_log=False,
+        lifespan="on",
+        server_header=False,
+        timeout_graceful_shutdown=5,
+        **tls,  # type: ignore[arg-type]
+    )
+
+
+def serve(services: Services, *, log_level: str = "info") -> None:
+    """Serve until interrupted."""
+    uvicorn.Server(uvicorn_config(services, log_level=log_level)).run()
+
+
+class BackgroundServer:
+    """The API on a thread, on an ephemeral port unless told otherwise; ``url`` is where it listens."""
+
+    def __init__(self, services: Services, *, port: int = 0) -> None:
+        self._server = uvicorn.Server(uvicorn_config(services, port=port))
+        self._thread = threading.Thread(target=self._server.run, name="fleetward-api", daemon=True)
+        self._scheme = "https" if services.settings.tls_certificate else "http"
+        self._host = services.settings.host
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        return f"{self._scheme}://{self._host}:{self.port}"
+
+    def __enter__(self) -> BackgroundServer:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise ConfigurationError("the API server did not start")
+            time.sleep(0.01)
+        sockets = [socket for server in self._server.servers for socket in server.sockets]
+        self.port = sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (for servers whose URL must be known before they start)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port

@@ -1,0 +1,1 @@
+"""Simulated devices: real roots of trust and real enrollment clients, many at once."""
