@@ -21,6 +21,7 @@ class Services:
     authority: AuthorityService
 
     def close(self) -> None:
+        self.authority.close()
         self.database.dispose()
 
 

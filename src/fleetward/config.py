@@ -85,6 +85,25 @@ class Settings:
     def master_key_file(self) -> Path:
         return self.data_dir / "master.key"
 
+    def to_environment(self) -> dict[str, str]:
+        """The ``FLEETWARD_*`` variables that :meth:`from_environment` turns back into these settings."""
+        values = {
+            "FLEETWARD_DATA_DIR": str(self.data_dir),
+            "FLEETWARD_HOST": self.host,
+            "FLEETWARD_PORT": str(self.port),
+        }
+        optional = {
+            "FLEETWARD_DATABASE_URL": self.database_url,
+            "FLEETWARD_PUBLIC_URL": self.public_url,
+            "FLEETWARD_MASTER_KEY": self.master_key,
+            "FLEETWARD_TLS_CERTIFICATE": str(self.tls_certificate) if self.tls_certificate else None,
+            "FLEETWARD_TLS_PRIVATE_KEY": str(self.tls_private_key) if self.tls_private_key else None,
+        }
+        values.update({key: value for key, value in optional.items() if value is not None})
+        for item in fields(Limits):
+            values[f"FLEETWARD_LIMIT_{item.name.upper()}"] = str(getattr(self.limits, item.name))
+        return values
+
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """Settings from ``FLEETWARD_*`` variables; keyword overrides (from the CLI) win."""
@@ -113,6 +132,9 @@ class Settings:
             from_env["public_url"] = env["FLEETWARD_PUBLIC_URL"]
         if "FLEETWARD_MASTER_KEY" in env:
             from_env["master_key"] = env["FLEETWARD_MASTER_KEY"]
+        for name in ("tls_certificate", "tls_private_key"):
+            if f"FLEETWARD_{name.upper()}" in env:
+                from_env[name] = Path(env[f"FLEETWARD_{name.upper()}"])
         if "FLEETWARD_HOST" in env:
             from_env["host"] = env["FLEETWARD_HOST"]
         if "FLEETWARD_PORT" in env:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from types import TracebackType
 
 import uvicorn
+from fastapi import FastAPI
 
 from fleetward.api.app import create_app
 from fleetward.compose import Services
+from fleetward.config import Settings
 from fleetward.errors import ConfigurationError
 
 
@@ -35,9 +38,38 @@ def uvicorn_config(
     )
 
 
-def serve(services: Services, *, log_level: str = "info") -> None:
-    """Serve until interrupted."""
-    uvicorn.Server(uvicorn_config(services, log_level=log_level)).run()
+def serve(services: Services, *, log_level: str = "info", workers: int = 1) -> None:
+    """Serve until interrupted, in this process or in ``workers`` processes sharing the port and store.
+
+    Workers share nothing but the store (and the master key): nonces are redeemed in the store, and
+    each worker group-commits its own enrollments.
+    """
+    if workers <= 1:
+        uvicorn.Server(uvicorn_config(services, log_level=log_level)).run()
+        return
+    settings = services.settings
+    os.environ.update(settings.to_environment())
+    single = uvicorn_config(services, log_level=log_level)
+    uvicorn.run(
+        "fleetward.server:worker_app",
+        factory=True,
+        workers=workers,
+        host=single.host,
+        port=single.port,
+        log_level=log_level,
+        access_log=False,
+        server_header=False,
+        ssl_certfile=single.ssl_certfile,
+        ssl_keyfile=single.ssl_keyfile,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker process, from the ``FLEETWARD_*`` environment its parent set."""
+    from fleetward.compose import build_services
+
+    return create_app(build_services(Settings.from_environment(), migrate=False))
 
 
 class BackgroundServer:

@@ -49,19 +49,16 @@ async def certificate(request: Request) -> Response:
     """
     authority = request.app.state.services.authority
     batcher: Batcher[EnrollmentWork, EnrollmentResponse] = request.app.state.enrollments
-    device_id: str | None = None
     try:
         try:
             body = await request.body()
         except BodyTooLarge as error:
             raise PayloadTooLarge(str(error.detail)) from None
         parsed = authority.parse_enrollment(body)
-        device_id = parsed.evidence.device_id
-        work: EnrollmentWork = authority.prepare(parsed)
     except FleetwardError as refused:
-        await _record(batcher, Refusal(refused, device_id))
+        await _record(batcher, Refusal(refused, None))
         raise
-    issued = await batcher.submit(work)
+    issued = await batcher.submit(parsed)
     return Response(issued.model_dump_json(), media_type=JSON)
 
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -84,6 +84,8 @@ def prepare(
         signature_valid = csr.is_signature_valid
     except (ValueError, TypeError):
         raise AttestationRefused("the CSR is not a valid PEM PKCS#10 request", code="csr_malformed") from None
+    except UnsupportedAlgorithm:  # a key type or curve cryptography does not know: certainly not P-256
+        raise AttestationRefused("the CSR's key must be ECDSA P-256", code="csr_key_unsupported") from None
     if not isinstance(csr_key, ec.EllipticCurvePublicKey) or not isinstance(csr_key.curve, SUPPORTED_CURVE):
         raise AttestationRefused("the CSR's key must be ECDSA P-256", code="csr_key_unsupported")
     if not signature_valid:

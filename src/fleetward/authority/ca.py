@@ -8,7 +8,9 @@ in docs/wire.md: P-256 key, CN = device id, a URI SAN naming tenant and device, 
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -135,6 +137,34 @@ class Issuer:
     root: x509.Certificate
     crl_url: str
 
+    @functools.cached_property
+    def operational_template(self) -> x509.CertificateBuilder:
+        """What every operational certificate of this issuer shares, built once (it is the hot path)."""
+        return (
+            x509.CertificateBuilder()
+            .issuer_name(self.certificate.subject)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
+            )
+            .add_extension(_distribution_point(self.crl_url), critical=False)
+        )
+
 
 def issue_operational_certificate(
     issuer: Issuer,
@@ -148,8 +178,7 @@ def issue_operational_certificate(
     """The 24-hour certificate a device earns by attesting."""
     not_after = min(now + validity, issuer.certificate.not_valid_after_utc)
     return (
-        x509.CertificateBuilder()
-        .subject_name(
+        issuer.operational_template.subject_name(
             x509.Name(
                 [
                     x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fleetward"),
@@ -157,27 +186,10 @@ def issue_operational_certificate(
                 ]
             )
         )
-        .issuer_name(issuer.certificate.subject)
         .public_key(public_key)
         .serial_number(serial)
         .not_valid_before(now - backdate)
         .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(
             x509.SubjectAlternativeName(
                 [x509.UniformResourceIdentifier(device_uri(issuer.tenant_id, device_id))]
@@ -185,13 +197,15 @@ def issue_operational_certificate(
             critical=False,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
-            critical=False,
-        )
-        .add_extension(_distribution_point(issuer.crl_url), critical=False)
         .sign(issuer.key, SIGNATURE_HASH)
     )
+
+
+def der_to_pem(der: bytes, label: str = "CERTIFICATE") -> str:
+    """PEM text of DER bytes, without parsing them again."""
+    body = base64.b64encode(der).decode("ascii")
+    lines = "\n".join(body[index : index + 64] for index in range(0, len(body), 64))
+    return f"-----BEGIN {label}-----\n{lines}\n-----END {label}-----\n"
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ and the tenants' reference values, judges, signs and records a whole batch in on
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import os
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -41,6 +43,7 @@ from fleetward.registry.service import device_in
 from fleetward.store import events as event_log
 from fleetward.store.database import Database
 from fleetward.store.events import Event, Severity
+from fleetward.store.parallel import ParallelMap
 from fleetward.store.schema import (
     certificate_authorities,
     certificates,
@@ -77,7 +80,8 @@ class Refusal:
     device_id: str | None
 
 
-EnrollmentWork = attestation.PreparedEnrollment | Refusal
+#: What the enrollment batcher carries: a parsed request to judge, or a refusal to record.
+EnrollmentWork = EnrollmentRequest | Refusal
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,9 @@ class AuthorityService:
             keystore.derive("attestation nonce"), dt.timedelta(seconds=limits.nonce_ttl_seconds)
         )
         self._issuers: dict[str, _TenantIssuer] = {}
+        self._verifiers = ParallelMap(os.cpu_count() or 1, name="verifier")
+        # A device id is the hash of its key, so a parsed key never goes stale.
+        self._identity_key = functools.lru_cache(maxsize=65536)(load_public_key)
         self._lock = threading.Lock()
         #: Called with (tenant_id, device_id) after a device is revoked; the hub ends its session.
         self.on_device_revoked: list[Callable[[str, str], None]] = []
@@ -340,95 +347,49 @@ class AuthorityService:
             ) from None
 
     def process_enrollments(
-        self, work: Sequence[EnrollmentWork]
+        self, batch: Sequence[EnrollmentWork]
     ) -> list[EnrollmentResponse | FleetwardError]:
-        """Judge, issue and record a batch in one transaction. One answer per item, in order."""
+        """Check, judge, issue and record a batch in one transaction. One answer per item, in order.
+
+        Runs on the batcher's thread. Signature checks release the GIL, so they run on the verifier
+        threads side by side; signing and the store's work stay on this thread.
+        """
         now = self._clock.now()
-        validity = dt.timedelta(seconds=self._limits.certificate_validity_seconds)
-        backdate = dt.timedelta(seconds=self._limits.certificate_backdate_seconds)
-        answers: list[EnrollmentResponse | FleetwardError] = []
+        work = self._verifiers.map_all(lambda item: self._prepared_or_refused(item, now), batch)
         with self._db.write() as connection:
-            standings = self._standings(
-                connection, {item.device_id for item in work if item.device_id is not None}
+            standings = self._standings(connection, {item.device_id for item in work if item.device_id})
+            work = self._refuse_replays(connection, work)
+            policies = {
+                tenant_id: self._policy(connection, tenant_id)
+                for tenant_id in {standing.tenant_id for standing in standings.values()}
+            }
+            verdicts = self._verifiers.map_all(
+                lambda item: self._judged(item, standings.get(item.device_id or ""), policies), work
             )
-            fresh = self._redeem(
-                connection,
-                [item.nonce for item in work if isinstance(item, attestation.PreparedEnrollment)],
-            )
-            policies: dict[str, attestation.ReferencePolicy] = {}
+            answers: list[EnrollmentResponse | FleetwardError] = []
             issued_rows: list[dict[str, object]] = []
             recorded: list[Event] = []
-            for item in work:
-                standing = standings.get(item.device_id) if item.device_id else None
-                tenant_id = standing.tenant_id if standing else None
-                if isinstance(item, Refusal):
-                    recorded.append(self._refusal_event(now, item.error, item.device_id, tenant_id))
-                    answers.append(item.error)
-                    continue
-                try:
-                    if item.nonce.nonce_id not in fresh:
-                        raise AttestationRefused(
-                            "the nonce was already used; ask for a new one", code="nonce_replayed"
-                        )
-                    fresh.discard(item.nonce.nonce_id)
-                    policy = None
-                    if standing is not None:
-                        policy = policies.get(standing.tenant_id)
-                        if policy is None:
-                            policy = self._policy(connection, standing.tenant_id)
-                            policies[standing.tenant_id] = policy
-                    attestation.judge(item, standing, policy or attestation.ReferencePolicy())
-                except AttestationRefused as refused:
-                    recorded.append(self._refusal_event(now, refused, item.device_id, tenant_id))
-                    answers.append(refused)
+            for verdict in verdicts:
+                standing = standings.get(verdict.device_id or "")
+                if isinstance(verdict, Refusal):
+                    tenant_id = standing.tenant_id if standing else None
+                    recorded.append(self._refusal_event(now, verdict.error, verdict.device_id, tenant_id))
+                    answers.append(verdict.error)
                     continue
                 assert standing is not None
-                tenant_issuer = self._issuer(connection, standing.tenant_id)
-                serial = x509.random_serial_number()
-                certificate = ca.issue_operational_certificate(
-                    tenant_issuer.issuer,
-                    item.csr_public_key,
-                    item.device_id,
-                    serial,
-                    now,
-                    validity,
-                    backdate,
-                )
-                issued_rows.append(
-                    {
-                        "serial": f"{serial:x}",
-                        "tenant_id": standing.tenant_id,
-                        "device_id": item.device_id,
-                        "issuer_id": tenant_issuer.issuer.id,
-                        "public_key_sha256": item.request.evidence.csr_key_sha256,
-                        "not_before": certificate.not_valid_before_utc,
-                        "not_after": certificate.not_valid_after_utc,
-                        "der": certificate.public_bytes(serialization.Encoding.DER),
-                    }
-                )
+                issued, row = self._issue(connection, verdict, standing, now)
+                issued_rows.append(row)
                 recorded.append(
                     Event(
                         at=now,
                         kind="attestation",
                         code="certificate_issued",
-                        detail=f"certificate {serial:x} issued until "
-                        f"{certificate.not_valid_after_utc.isoformat()}",
+                        detail=f"certificate {issued.serial} issued until {issued.not_after.isoformat()}",
                         tenant_id=standing.tenant_id,
-                        device_id=item.device_id,
+                        device_id=verdict.device_id,
                     )
                 )
-                answers.append(
-                    EnrollmentResponse(
-                        device_id=item.device_id,
-                        tenant_id=standing.tenant_id,
-                        serial=f"{serial:x}",
-                        certificate=_pem(certificate),
-                        chain=list(tenant_issuer.chain_pem),
-                        not_before=certificate.not_valid_before_utc,
-                        not_after=certificate.not_valid_after_utc,
-                        renew_after=now + (certificate.not_valid_after_utc - now) / 2,
-                    )
-                )
+                answers.append(issued)
             if issued_rows:
                 connection.execute(certificates.insert(), issued_rows)
                 connection.execute(
@@ -439,6 +400,94 @@ class AuthorityService:
                 )
             event_log.record(connection, recorded)
         return answers
+
+    def _refuse_replays(
+        self, connection: Connection, work: list[attestation.PreparedEnrollment | Refusal]
+    ) -> list[attestation.PreparedEnrollment | Refusal]:
+        """Redeem each nonce; a nonce already redeemed, before or earlier in this batch, is refused."""
+        fresh = self._redeem(
+            connection, [item.nonce for item in work if isinstance(item, attestation.PreparedEnrollment)]
+        )
+        checked: list[attestation.PreparedEnrollment | Refusal] = []
+        for item in work:
+            if isinstance(item, attestation.PreparedEnrollment):
+                if item.nonce.nonce_id not in fresh:
+                    replayed = AttestationRefused(
+                        "the nonce was already used; ask for a new one", code="nonce_replayed"
+                    )
+                    checked.append(Refusal(replayed, item.device_id))
+                    continue
+                fresh.discard(item.nonce.nonce_id)
+            checked.append(item)
+        return checked
+
+    @staticmethod
+    def _judged(
+        item: attestation.PreparedEnrollment | Refusal,
+        standing: attestation.DeviceStanding | None,
+        policies: dict[str, attestation.ReferencePolicy],
+    ) -> attestation.PreparedEnrollment | Refusal:
+        if isinstance(item, Refusal):
+            return item
+        policy = policies[standing.tenant_id] if standing else attestation.ReferencePolicy()
+        try:
+            attestation.judge(item, standing, policy)
+        except AttestationRefused as refused:
+            return Refusal(refused, item.device_id)
+        return item
+
+    def _issue(
+        self,
+        connection: Connection,
+        accepted: attestation.PreparedEnrollment,
+        standing: attestation.DeviceStanding,
+        now: dt.datetime,
+    ) -> tuple[EnrollmentResponse, dict[str, object]]:
+        """Sign the operational certificate: the answer, and the row that records it."""
+        tenant_issuer = self._issuer(connection, standing.tenant_id)
+        serial = x509.random_serial_number()
+        certificate = ca.issue_operational_certificate(
+            tenant_issuer.issuer,
+            accepted.csr_public_key,
+            accepted.device_id,
+            serial,
+            now,
+            dt.timedelta(seconds=self._limits.certificate_validity_seconds),
+            dt.timedelta(seconds=self._limits.certificate_backdate_seconds),
+        )
+        der = certificate.public_bytes(serialization.Encoding.DER)
+        not_before, not_after = certificate.not_valid_before_utc, certificate.not_valid_after_utc
+        row: dict[str, object] = {
+            "serial": f"{serial:x}",
+            "tenant_id": standing.tenant_id,
+            "device_id": accepted.device_id,
+            "issuer_id": tenant_issuer.issuer.id,
+            "public_key_sha256": accepted.request.evidence.csr_key_sha256,
+            "not_before": not_before,
+            "not_after": not_after,
+            "der": der,
+        }
+        issued = EnrollmentResponse(
+            device_id=accepted.device_id,
+            tenant_id=standing.tenant_id,
+            serial=f"{serial:x}",
+            certificate=ca.der_to_pem(der),
+            chain=list(tenant_issuer.chain_pem),
+            not_before=not_before,
+            not_after=not_after,
+            renew_after=now + (not_after - now) / 2,
+        )
+        return issued, row
+
+    def _prepared_or_refused(
+        self, item: EnrollmentWork, now: dt.datetime
+    ) -> attestation.PreparedEnrollment | Refusal:
+        if isinstance(item, Refusal):
+            return item
+        try:
+            return attestation.prepare(item, self._codec, now, self._limits)
+        except AttestationRefused as refused:
+            return Refusal(refused, item.evidence.device_id)
 
     def _standings(
         self, connection: Connection, device_ids: set[str]
@@ -454,7 +503,7 @@ class AuthorityService:
             row.id: attestation.DeviceStanding(
                 device_id=row.id,
                 tenant_id=row.tenant_id,
-                identity_key=load_public_key(row.public_key),
+                identity_key=self._identity_key(bytes(row.public_key)),
                 revoked=row.status == DeviceStatus.REVOKED.value,
             )
             for row in rows
@@ -465,12 +514,12 @@ class AuthorityService:
         wanted = {nonce.nonce_id: nonce.expires_at for nonce in nonces}
         if not wanted:
             return set()
-        statement = (
-            self._db.insert_or_ignore(consumed_nonces)
-            .values([{"nonce_id": key, "expires_at": value} for key, value in wanted.items()])
-            .returning(consumed_nonces.c.nonce_id)
+        # One cached statement, executed many: SQLAlchemy batches the rows and gathers RETURNING.
+        statement = self._db.insert_or_ignore(consumed_nonces).returning(consumed_nonces.c.nonce_id)
+        rows = connection.execute(
+            statement, [{"nonce_id": key, "expires_at": value} for key, value in wanted.items()]
         )
-        return {row.nonce_id for row in connection.execute(statement)}
+        return {row.nonce_id for row in rows}
 
     def _policy(self, connection: Connection, tenant_id: str) -> attestation.ReferencePolicy:
         references = frozenset(
@@ -506,6 +555,9 @@ class AuthorityService:
             tenant_id=tenant_id,
             device_id=device_id,
         )
+
+    def close(self) -> None:
+        self._verifiers.close()
 
     def purge_expired_nonces(self) -> int:
         """Forget redeemed nonces that have expired anyway; returns how many."""

@@ -142,6 +142,9 @@ def serve(
     tls_certificate: Annotated[Path | None, typer.Option(help="Server certificate (PEM).")] = None,
     tls_private_key: Annotated[Path | None, typer.Option(help="Server private key (PEM).")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    workers: Annotated[
+        int, typer.Option(min=1, max=64, help="Processes serving the same port and store (one per core).")
+    ] = 1,
 ) -> None:
     """Run the API (authority, registry) until interrupted. TLS from the data directory if present."""
     from dataclasses import replace
@@ -163,7 +166,7 @@ def serve(
         f"fleetward serving at [bold]{settings.resolved_public_url}[/bold] ({services.database.dialect})"
     )
     try:
-        run_server(services, log_level=log_level)
+        run_server(services, log_level=log_level, workers=workers)
     finally:
         services.close()
 

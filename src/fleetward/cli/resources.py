@@ -27,7 +27,11 @@ def me(client: FleetwardClient) -> schemas.Me:
 def _in_tenant(context: typer.Context, tenant: str | None) -> tuple[State, FleetwardClient, str]:
     state: State = context.obj
     client = state.client()
-    return state, client, state.tenant(client, tenant)
+    try:
+        return state, client, state.tenant(client, tenant)
+    except BaseException:
+        client.close()  # the caller's ``with client`` is not reached: do not leak its connection
+        raise
 
 
 def _group(name: str, help_text: str) -> typer.Typer:
@@ -94,7 +98,10 @@ def operator_create(
             schemas.OperatorCreate(email=email, name=name, can_create_tenants=can_create_tenants),
             schemas.OperatorCreated,
         )
-    show_one(created.operator, title="Operator", as_json=state.as_json)
+    if state.as_json:
+        console.print_json(created.model_dump_json())
+        return
+    show_one(created.operator, title="Operator", as_json=False)
     console.print(f"First token (shown once): [bold]{created.token}[/bold]")
 
 
@@ -400,23 +407,35 @@ def group_delete(context: typer.Context, group_id: str, tenant: TenantOption = N
 
 def _claims_from_file(path: Path) -> list[schemas.DeviceClaimItem]:
     """Devices to claim from a CSV (device_id,public_key_file) or a JSON list of {device_id, public_key}."""
-    if path.suffix == ".json":
-        return [schemas.DeviceClaimItem.model_validate(item) for item in json.loads(path.read_text())]
-    items = []
-    with path.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            key_file = (path.parent / row["public_key_file"]).resolve()
-            items.append(schemas.DeviceClaimItem(device_id=row["device_id"], public_key=key_file.read_text()))
-    return items
+    try:
+        if path.suffix == ".json":
+            return [schemas.DeviceClaimItem.model_validate(item) for item in json.loads(path.read_text())]
+        items = []
+        with path.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                key_file = (path.parent / row["public_key_file"]).resolve()
+                items.append(
+                    schemas.DeviceClaimItem(device_id=row["device_id"], public_key=key_file.read_text())
+                )
+        return items
+    except KeyError as error:
+        fail(f"{path}: the CSV needs the columns device_id and public_key_file (missing {error})")
+    except (OSError, ValueError, TypeError) as error:
+        fail(f"{path} does not list devices to claim: {error}")
 
 
 @device_app.command("claim")
 def device_claim(
     context: typer.Context,
     device_id: Annotated[str | None, typer.Argument(help="The device id (64 hex characters).")] = None,
-    public_key: Annotated[Path | None, typer.Option(help="The device's identity public key, PEM.")] = None,
+    public_key: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="The device's identity public key, PEM.")
+    ] = None,
     from_file: Annotated[
-        Path | None, typer.Option(help="Claim many: CSV (device_id,public_key_file) or JSON list.")
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, help="Claim many: CSV (device_id,public_key_file) or JSON list."
+        ),
     ] = None,
     group_id: Annotated[str | None, typer.Option(help="Put the devices in this group.")] = None,
     tenant: TenantOption = None,
@@ -657,7 +676,9 @@ def reference_add(
     component: str,
     version: str,
     sha256: Annotated[str | None, typer.Option(help="SHA-256 of the image, hex.")] = None,
-    image: Annotated[Path | None, typer.Option(help="Or: the image file to hash.")] = None,
+    image: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="Or: the image file to hash.")
+    ] = None,
     tenant: TenantOption = None,
 ) -> None:
     """Register a component version devices may run."""

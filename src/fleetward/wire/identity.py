@@ -41,7 +41,7 @@ def check_device_id(text: str) -> str:
     """Return ``text`` if it is a well-formed device id, else raise ``ValueError``."""
     if not isinstance(text, str):
         raise TypeError(f"a device id is a str, not {type(text).__name__}")
-    if not _DEVICE_ID.match(text):
+    if not _DEVICE_ID.fullmatch(text):  # fullmatch: "$" alone would let a trailing newline through
         raise ValueError("a device id is 64 lower-case hexadecimal characters")
     return text
 

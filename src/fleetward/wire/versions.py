@@ -19,7 +19,7 @@ def parse_version(text: str) -> Version:
     """Parse ``text`` into a comparable tuple, or raise ``ValueError`` saying what is wrong."""
     if not isinstance(text, str):
         raise TypeError(f"a version is a str, not {type(text).__name__}")
-    if not _VERSION.match(text):
+    if not _VERSION.fullmatch(text):  # fullmatch: "$" alone would let a trailing newline through
         raise ValueError(f"version {text[:40]!r} is not 1 to 4 dot-separated numbers without leading zeros")
     parts = [int(part) for part in text.split(".")]
     parts.extend([0] * (4 - len(parts)))

@@ -1,0 +1,326 @@
+"""Enrollments per second: nonce + attestation + issuance, end to end and through the pure core.
+
+    .venv/bin/python -m bench.enroll [--devices 1000] [--seconds 10] [--connections 64] [--tls]
+
+Three figures, each measured in this run on this machine:
+
+* baseline: the bare cost of what any CA must do per certificate, verifying a CSR and signing a
+  certificate for it (pyca/cryptography, one thread);
+* core: the authority's pure core alone (open the nonce, check the CSR and its binding, verify the
+  evidence signature and the measurements, sign the certificate), no store, no HTTP;
+* end to end: ``fleetward serve`` in its own process on the embedded default (SQLite, WAL, group
+  commit), driven over HTTP by a load generator in this process: each enrollment is two requests,
+  a nonce then evidence with a CSR, and ends with a certificate committed to the store.
+
+Each is printed as enrollments per second and as a ratio to the baseline. It never fails on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import secrets
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from bench.loadclient import Connection
+from fleetward.agent.enroll import build_csr
+from fleetward.agent.rot import SoftwareRootOfTrust
+from fleetward.api import schemas
+from fleetward.authority import attestation, ca
+from fleetward.authority.nonces import NonceCodec
+from fleetward.client import FleetwardClient
+from fleetward.config import Limits
+from fleetward.server import free_port
+from fleetward.service_tls import ensure_service_tls
+from fleetward.sim.fleet import image_digest, measurement
+from fleetward.wire.evidence import EnrollmentRequest, Evidence, Measurement
+from fleetward.wire.identity import public_key_sha256
+
+SOFTWARE: tuple[Measurement, ...] = (
+    measurement("fleetward-agent", "1.4.0"),
+    measurement("panel-monitor", "2.1.0"),
+)
+
+
+class Device:
+    """A simulated device with its CSR made in advance: the CSR does not depend on the nonce."""
+
+    def __init__(self) -> None:
+        self.rot = SoftwareRootOfTrust.generate()
+        self.device_id = public_key_sha256(self.rot.public_key())
+        key = ec.generate_private_key(ec.SECP256R1())
+        self.csr = build_csr(key, self.device_id)
+        self.csr_key_sha256 = public_key_sha256(key.public_key())
+
+    def request_json(self, nonce: str) -> bytes:
+        evidence = Evidence(
+            device_id=self.device_id, nonce=nonce, csr_key_sha256=self.csr_key_sha256, measurements=SOFTWARE
+        )
+        signature = self.rot.sign(evidence.to_be_signed())
+        return json.dumps(
+            EnrollmentRequest(evidence=evidence, signature=signature, csr=self.csr).wire_dict()
+        ).encode()
+
+
+def rate(operation: object, seconds: float) -> float:
+    """Operations per second of ``operation()`` over about ``seconds``."""
+    assert callable(operation)
+    count, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds:
+        for _ in range(50):
+            operation()
+        count += 50
+    return count / elapsed
+
+
+def baseline_rate(seconds: float) -> float:
+    issuer_key = ec.generate_private_key(ec.SECP256R1())
+    issuer_name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "baseline CA")])
+    device = Device()
+    csr_pem = device.csr.encode()
+    now = dt.datetime.now(dt.UTC)
+
+    def verify_and_sign() -> None:
+        csr = x509.load_pem_x509_csr(csr_pem)
+        assert csr.is_signature_valid
+        (
+            x509.CertificateBuilder()
+            .subject_name(csr.subject)
+            .issuer_name(issuer_name)
+            .public_key(csr.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(now + dt.timedelta(days=1))
+            .sign(issuer_key, hashes.SHA256())
+        )
+
+    return rate(verify_and_sign, seconds)
+
+
+def core_rate(seconds: float) -> float:
+    limits = Limits()
+    codec = NonceCodec(secrets.token_bytes(32), dt.timedelta(seconds=limits.nonce_ttl_seconds))
+    root_key = ec.generate_private_key(ec.SECP384R1())
+    now = dt.datetime.now(dt.UTC)
+    root = ca.build_root_ca(root_key, "tenant", now, dt.timedelta(days=3650))
+    issuing_key = ec.generate_private_key(ec.SECP256R1())
+    issuing = ca.build_issuing_ca(
+        root_key, root, issuing_key, "tenant", now, dt.timedelta(days=365), "http://localhost/crl/root"
+    )
+    issuer = ca.Issuer("issuer", "tenant", issuing_key, issuing, root, "http://localhost/crl")
+    policy = attestation.ReferencePolicy(
+        references=frozenset((item.name, item.version, item.sha256) for item in SOFTWARE)
+    )
+    device = Device()
+    standing = attestation.DeviceStanding(device.device_id, "tenant", device.rot.public_key(), revoked=False)
+
+    def enroll_once() -> None:
+        nonce = codec.issue(device.device_id, now)
+        request = EnrollmentRequest.model_validate_json(device.request_json(nonce.text))
+        prepared = attestation.prepare(request, codec, now, limits)
+        attestation.judge(prepared, standing, policy)
+        ca.issue_operational_certificate(
+            issuer,
+            prepared.csr_public_key,
+            device.device_id,
+            x509.random_serial_number(),
+            now,
+            dt.timedelta(days=1),
+            dt.timedelta(minutes=5),
+        ).public_bytes(serialization.Encoding.PEM)
+
+    return rate(enroll_once, seconds)
+
+
+def start_server(
+    data_dir: Path, port: int, tls: bool, workers: int = 1
+) -> tuple[subprocess.Popen[bytes], str, str]:
+    """``fleetward init`` then ``fleetward serve`` in a separate process; returns it, its URL and a token."""
+    environment = dict(os.environ, FLEETWARD_CLI_CONFIG=str(data_dir / "cli.json"))
+    fleetward = str(Path(sys.executable).parent / "fleetward")
+    subprocess.run(
+        [fleetward, "init", "--data-dir", str(data_dir), "--port", str(port), "--tls" if tls else "--no-tls"],
+        check=True,
+        env=environment,
+        capture_output=True,
+    )
+    token = json.loads((data_dir / "cli.json").read_text())["token"]
+    process = subprocess.Popen(
+        [
+            fleetward,
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--workers",
+            str(workers),
+        ],
+        env=environment,
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    verify: str | bool = str(data_dir / "tls" / "service-ca.pem") if tls else False
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", verify=verify).status_code == 200:
+                return process, url, token
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    process.kill()
+    raise SystemExit("fleetward serve did not start")
+
+
+def prepare_tenant(url: str, token: str, ca_file: Path | None, devices: list[Device]) -> None:
+    with FleetwardClient(url, token, ca_file=ca_file) as client:
+        tenant = client.post("/v1/tenants", schemas.TenantCreate(name="bench"), schemas.TenantPublic)
+        product = client.post(
+            f"/v1/tenants/{tenant.id}/products", schemas.ProductCreate(name="panel"), schemas.ProductCreated
+        )
+        client.post(
+            f"/v1/tenants/{tenant.id}/reference-values",
+            schemas.ReferenceValuesAdd(
+                values=[
+                    schemas.ReferenceValueItem(
+                        component=item.name, version=item.version, sha256=image_digest(item.name, item.version)
+                    )
+                    for item in SOFTWARE
+                ]
+            ),
+            schemas.ReferenceValuesAdded,
+        )
+        for start in range(0, len(devices), 1000):
+            claim = schemas.DeviceClaim(
+                devices=[
+                    schemas.DeviceClaimItem(
+                        device_id=device.device_id,
+                        public_key=device.rot.public_key()
+                        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+                        .decode(),
+                    )
+                    for device in devices[start : start + 1000]
+                ],
+                group_id=product.device_groups[2].id,
+            )
+            client.post(f"/v1/tenants/{tenant.id}/devices/claim", claim, schemas.ClaimResponse)
+
+
+async def drive(
+    port: int, context: ssl.SSLContext | None, devices: list[Device], connections: int, seconds: float
+) -> tuple[int, int, list[float]]:
+    """Enroll devices round-robin over ``connections`` keep-alive connections for ``seconds``."""
+    issued = refused = 0
+    latencies: list[float] = []
+    stop = time.perf_counter() + seconds
+    queue = list(devices)
+
+    async def worker(index: int) -> None:
+        nonlocal issued, refused
+        connection = await Connection.open("127.0.0.1", port, context)
+        position = index
+        try:
+            while time.perf_counter() < stop:
+                device = queue[position % len(queue)]
+                position += connections
+                started = time.perf_counter()
+                status, body = await connection.post(
+                    "/v1/attestation/nonce", b'{"device_id":"%s"}' % device.device_id.encode()
+                )
+                nonce = json.loads(body)["nonce"]
+                status, body = await connection.post("/v1/attestation/certificate", device.request_json(nonce))
+                latencies.append(time.perf_counter() - started)
+                if status == 200:
+                    issued += 1
+                else:
+                    refused += 1
+        finally:
+            await connection.close()
+
+    await asyncio.gather(*(worker(index) for index in range(connections)))
+    return issued, refused, latencies
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time so far of a process and its children, the workers (Linux)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--tls", action="store_true", help="HTTPS, as `fleetward init` sets up by default")
+    parser.add_argument("--workers", type=int, default=1, help="`fleetward serve --workers`")
+    arguments = parser.parse_args()
+
+    print(f"fleetward enrollment benchmark ({os.cpu_count()} cores)")
+    base = baseline_rate(3.0)
+    print(f"baseline  verify a CSR + sign a certificate: {base:8.0f} /s  (1.00)")
+    core = core_rate(3.0)
+    print(f"core      nonce + attestation + issuance:    {core:8.0f} /s  ({core / base:.2f} of baseline)")
+
+    devices = [Device() for _ in range(arguments.devices)]
+    with tempfile.TemporaryDirectory(prefix="fleetward-bench-") as scratch:
+        data_dir = Path(scratch)
+        port = free_port()
+        process, url, token = start_server(data_dir, port, arguments.tls, arguments.workers)
+        try:
+            ca_file = data_dir / "tls" / "service-ca.pem" if arguments.tls else None
+            prepare_tenant(url, token, ca_file, devices)
+            context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
+            asyncio.run(drive(port, context, devices, arguments.connections, 1.0))  # warm up
+            server_cpu = cpu_seconds(process.pid)
+            client_cpu = time.process_time()
+            issued, refused, latencies = asyncio.run(
+                drive(port, context, devices, arguments.connections, arguments.seconds)
+            )
+            server_cpu = cpu_seconds(process.pid) - server_cpu
+            client_cpu = time.process_time() - client_cpu
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=30)
+    end_to_end = issued / arguments.seconds
+    latencies.sort()
+    p50 = latencies[len(latencies) // 2] * 1000 if latencies else 0.0
+    p99 = latencies[int(len(latencies) * 0.99)] * 1000 if latencies else 0.0
+    print(
+        f"e2e       through the API ({'HTTPS' if arguments.tls else 'HTTP'}, SQLite): {end_to_end:8.0f} /s  "
+        f"({end_to_end / base:.2f} of baseline; {issued} issued, {refused} refused, "
+        f"{arguments.connections} connections, p50 {p50:.1f} ms, p99 {p99:.1f} ms)"
+    )
+    if issued:
+        print(
+            f"          server CPU {server_cpu / issued * 1e6:.0f} µs per enrollment "
+            f"({server_cpu / arguments.seconds:.2f} cores busy), "
+            f"load generator CPU {client_cpu / issued * 1e6:.0f} µs per enrollment"
+        )
+
+
+if __name__ == "__main__":
+    main()
