@@ -8,9 +8,9 @@ import time
 from types import TracebackType
 
 import uvicorn
-from fastapi import FastAPI
 
-from fleetward.api.app import create_app
+from fleetward.api.app import create_asgi
+from fleetward.api.device_lane import DeviceLane
 from fleetward.compose import Services
 from fleetward.config import Settings
 from fleetward.errors import ConfigurationError
@@ -26,7 +26,7 @@ def uvicorn_config(
             raise ConfigurationError("TLS needs both a certificate and a private key")
         tls = {"ssl_certfile": str(settings.tls_certificate), "ssl_keyfile": str(settings.tls_private_key)}
     return uvicorn.Config(
-        create_app(services),
+        create_asgi(services),
         host=settings.host,
         port=settings.port if port is None else port,
         log_level=log_level,
@@ -65,11 +65,11 @@ def serve(services: Services, *, log_level: str = "info", workers: int = 1) -> N
     )
 
 
-def worker_app() -> FastAPI:
+def worker_app() -> DeviceLane:
     """The app of one worker process, from the ``FLEETWARD_*`` environment its parent set."""
     from fleetward.compose import build_services
 
-    return create_app(build_services(Settings.from_environment(), migrate=False))
+    return create_asgi(build_services(Settings.from_environment(), migrate=False))
 
 
 class BackgroundServer:

@@ -8,11 +8,10 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
-from fastapi.routing import APIRoute
-from starlette.routing import Route
 
 import fleetward
 from fleetward.api import errors, routes_attestation, routes_authority, routes_registry
+from fleetward.api.device_lane import DeviceLane
 from fleetward.api.limits import BodyLimit
 from fleetward.authority.service import EnrollmentWork
 from fleetward.compose import Services
@@ -83,13 +82,6 @@ def create_app(services: Services | None, *, limits: Limits | None = None) -> Fa
     app.add_middleware(BodyLimit, limit_for=limit_for)
     errors.install(app)
     app.include_router(routes_attestation.router)
-    # The device routes are the hot path: the same endpoints also go first as plain Starlette routes, which
-    # skip FastAPI's per-request dependency solving; the FastAPI declarations stay for the OpenAPI document.
-    app.router.routes[0:0] = [
-        Route(route.path, route.endpoint, methods=list(route.methods or ()))
-        for route in routes_attestation.router.routes
-        if isinstance(route, APIRoute)
-    ]
     app.include_router(routes_registry.router)
     app.include_router(routes_authority.router)
 
@@ -99,3 +91,8 @@ def create_app(services: Services | None, *, limits: Limits | None = None) -> Fa
         return {"status": "ok", "version": fleetward.__version__}
 
     return app
+
+
+def create_asgi(services: Services) -> DeviceLane:
+    """What a server runs: the API behind the device lane (``device_lane.py``)."""
+    return DeviceLane(create_app(services), services.settings.limits.max_request_bytes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -44,6 +45,11 @@ def status_of(error: FleetwardError) -> int:
         if isinstance(error, kind):
             return status
     return 500
+
+
+def error_body(code: str, message: str) -> bytes:
+    """The JSON body of every refusal."""
+    return json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":")).encode()
 
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:
