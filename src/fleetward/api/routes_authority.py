@@ -138,7 +138,7 @@ def list_reference_values(
 
 
 @router.delete(
-    "/tenants/{tenant_id}/reference-values/{component}/{version}/{sha256}",
+    "/tenants/{tenant_id}/reference-values/{component:path}/{version}/{sha256}",
     status_code=204,
     tags=["reference values"],
 )
@@ -154,7 +154,7 @@ def remove_reference_value(
     return Response(status_code=204)
 
 
-@router.put("/tenants/{tenant_id}/security-floors/{component}", tags=["reference values"])
+@router.put("/tenants/{tenant_id}/security-floors/{component:path}", tags=["reference values"])
 def set_floor(
     tenant_id: str,
     component: str,

@@ -65,6 +65,11 @@ class Batcher(Generic[Item, Result]):
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
+    @property
+    def pending(self) -> int:
+        """Items queued and not yet taken into a batch."""
+        return self._queue.qsize()
+
     async def submit(self, item: Item) -> Result:
         """Queue ``item`` and wait for its own result; raises the error that refused it."""
         if self._worker is None or self._worker.done():
