@@ -45,11 +45,11 @@ from fleetward.authority.nonces import NonceCodec
 from fleetward.client import FleetwardClient
 from fleetward.config import Limits
 from fleetward.server import free_port
-from fleetward.service_tls import ensure_service_tls
 from fleetward.sim.fleet import image_digest, measurement
 from fleetward.wire.evidence import EnrollmentRequest, Evidence, Measurement
 from fleetward.wire.identity import public_key_sha256
 
+CERTIFICATE = "/v1/attestation/certificate"
 SOFTWARE: tuple[Measurement, ...] = (
     measurement("fleetward-agent", "1.4.0"),
     measurement("panel-monitor", "2.1.0"),
@@ -65,6 +65,12 @@ class Device:
         key = ec.generate_private_key(ec.SECP256R1())
         self.csr = build_csr(key, self.device_id)
         self.csr_key_sha256 = public_key_sha256(key.public_key())
+
+    def public_key_pem(self) -> str:
+        key = self.rot.public_key()
+        return key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
 
     def request_json(self, nonce: str) -> bytes:
         evidence = Evidence(
@@ -199,7 +205,9 @@ def prepare_tenant(url: str, token: str, ca_file: Path | None, devices: list[Dev
             schemas.ReferenceValuesAdd(
                 values=[
                     schemas.ReferenceValueItem(
-                        component=item.name, version=item.version, sha256=image_digest(item.name, item.version)
+                        component=item.name,
+                        version=item.version,
+                        sha256=image_digest(item.name, item.version),
                     )
                     for item in SOFTWARE
                 ]
@@ -212,7 +220,9 @@ def prepare_tenant(url: str, token: str, ca_file: Path | None, devices: list[Dev
                     schemas.DeviceClaimItem(
                         device_id=device.device_id,
                         public_key=device.rot.public_key()
-                        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+                        .public_bytes(
+                            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+                        )
                         .decode(),
                     )
                     for device in devices[start : start + 1000]
@@ -244,7 +254,9 @@ async def drive(
                     "/v1/attestation/nonce", b'{"device_id":"%s"}' % device.device_id.encode()
                 )
                 nonce = json.loads(body)["nonce"]
-                status, body = await connection.post("/v1/attestation/certificate", device.request_json(nonce))
+                status, body = await connection.post(
+                    "/v1/attestation/certificate", device.request_json(nonce)
+                )
                 latencies.append(time.perf_counter() - started)
                 if status == 200:
                     issued += 1
@@ -271,7 +283,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--connections", type=int, default=64)

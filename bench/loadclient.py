@@ -8,6 +8,7 @@ It is for benchmarks only; fleetward itself uses httpx.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 
 
@@ -42,7 +43,5 @@ class Connection:
 
     async def close(self) -> None:
         self._writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
             await self._writer.wait_closed()
-        except (ConnectionError, ssl.SSLError):
-            pass

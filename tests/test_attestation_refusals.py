@@ -1,4 +1,4 @@
-"""Every bad input on the attestation path is refused with its own code, earns no certificate, and is recorded.
+"""Each bad input on the attestation path is refused with its own code, earns no certificate, and is recorded.
 
 Each case goes through the real HTTP server to ``POST /v1/attestation/certificate`` (or ``/nonce``) and checks
 the status, the ``error.code`` of the body, that the store holds no certificate, and that the refusal is an
@@ -233,8 +233,9 @@ def _flip_mac(raw: bytearray) -> None:
     raw[-1] ^= 0x01
 
 
-def _flip_expiry(raw: bytearray) -> None:
-    raw[8] ^= 0x01  # a later expiry, as someone who wants a longer-lived nonce would try
+def _extend_expiry(raw: bytearray) -> None:
+    """An hour more, as someone who wants a longer-lived nonce would try."""
+    raw[1:9] = (int.from_bytes(raw[1:9], "big") + 3600).to_bytes(8, "big")
 
 
 def _version_2(raw: bytearray) -> None:
@@ -307,9 +308,10 @@ def _below_floor(a: Attempt) -> Wire:
 
 @dataclass(frozen=True)
 class Case:
+    """A bad request and the code it is refused with; each is a security refusal, so HTTP 403."""
+
     build: Callable[[Attempt], Wire]
     code: str
-    status: int = 403
 
 
 CLAIMED_DEVICE_REFUSALS: dict[str, Case] = {
@@ -323,7 +325,7 @@ CLAIMED_DEVICE_REFUSALS: dict[str, Case] = {
     ),
     "nonce-of-another-authority": Case(_nonce_of_another_authority, "nonce_invalid"),
     "nonce-mac-tampered": Case(_nonce_edited(_flip_mac), "nonce_invalid"),
-    "nonce-expiry-tampered": Case(_nonce_edited(_flip_expiry), "nonce_invalid"),
+    "nonce-expiry-tampered": Case(_nonce_edited(_extend_expiry), "nonce_invalid"),
     "nonce-unknown-format-version": Case(_nonce_edited(_version_2), "nonce_malformed"),
     "nonce-truncated": Case(_nonce_edited(_truncate), "nonce_malformed"),
     "nonce-not-base64-length": Case(lambda a: a.good("A" * 17).wire_dict(), "nonce_malformed"),
@@ -374,7 +376,7 @@ def test_a_bad_enrollment_of_a_claimed_device_is_refused_with_its_code_and_recor
 ) -> None:
     response = attempt.post(case.build(attempt))
 
-    assert_refused(response, case.status, case.code)
+    assert_refused(response, 403, case.code)
     assert attempt.tenant.certificates() == []
     assert certificate_rows(services) == 0
     assert refusals_in(attempt.tenant) == [(case.code, attempt.device.device_id)]
@@ -410,6 +412,26 @@ def test_a_used_nonce_is_refused_even_with_a_fresh_csr_and_freshly_signed_eviden
     assert certificate_rows(services) == 1
 
 
+@pytest.mark.parametrize("stage", ["csr", "measurement"])
+def test_a_refused_request_spends_its_valid_nonce_whatever_stage_refused_it(
+    attempt: Attempt, services: Services, stage: str
+) -> None:
+    """A nonce is single-use: a refusal at the CSR check or at the measurements spends it all the same."""
+    nonce = attempt.nonce()
+    if stage == "csr":
+        good = attempt.good(nonce)
+        bad = wire(good.evidence, good.signature, csr_pem(ec.generate_private_key(ec.SECP256R1()), "x"))
+        assert_refused(attempt.post(bad), 403, "csr_key_mismatch")
+    else:
+        unknown = (measurement("panel-monitor", "9.9.9"),)
+        assert_refused(
+            attempt.post(attempt.good(nonce, measurements=unknown).wire_dict()), 403, "measurement_unknown"
+        )
+
+    assert_refused(attempt.post(attempt.good(nonce).wire_dict()), 403, "nonce_replayed")
+    assert certificate_rows(services) == 0
+
+
 def test_two_concurrent_requests_with_one_nonce_earn_exactly_one_certificate(
     attempt: Attempt, server: BackgroundServer, services: Services
 ) -> None:
@@ -426,6 +448,27 @@ def test_two_concurrent_requests_with_one_nonce_earn_exactly_one_certificate(
     refused = next(response for response in responses if response.status_code == 403)
     assert_refused(refused, 403, "nonce_replayed")
     assert certificate_rows(services) == 1
+
+
+def test_a_csr_key_the_authority_cannot_parse_fails_only_its_own_request_not_its_batch(
+    attempt: Attempt, server: BackgroundServer, services: Services
+) -> None:
+    """Requests are checked in batches: an unknown curve is one refusal, not an error for every device."""
+    others = [SimulatedDevice(f"panel-{i:03}", healthy_software()) for i in range(2, 7)]
+    attempt.tenant.claim(*others)
+    bad = _csr_on_unknown_curve(attempt)
+    good = [Attempt(attempt.http, attempt.tenant, other, attempt.clock, attempt.limits) for other in others]
+    bodies = [bad, *(other.good().wire_dict() for other in good)]
+
+    async def send_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            return list(await asyncio.gather(*(client.post(ENROLL, json=body) for body in bodies)))
+
+    refused, *accepted = asyncio.run(send_all())
+
+    assert_refused(refused, 403, "csr_key_unsupported")
+    assert [response.status_code for response in accepted] == [200] * len(others)
+    assert certificate_rows(services) == len(others)
 
 
 # ------------------------------------------------------------------ who the device is
@@ -467,7 +510,7 @@ def test_a_device_claimed_by_one_tenant_is_invisible_to_and_unclaimable_by_anoth
     attempt: Attempt,
     services: Services,
 ) -> None:
-    """The solar farm holds the device; the lab's operator neither sees it nor takes it, nor its certificates."""
+    """The solar farm holds the device: the lab's operator cannot see it, take it, or get its certificates."""
     solar, device = attempt.tenant, attempt.device
     created = admin.post(
         "/v1/operators",
@@ -572,15 +615,21 @@ MALFORMED: dict[str, Callable[[Attempt], bytes]] = {
 }
 
 
-@pytest.mark.parametrize("build", MALFORMED.values(), ids=MALFORMED.keys())
-def test_a_malformed_enrollment_is_refused_as_such_and_recorded_with_no_tenant_or_device(
-    build: Callable[[Attempt], bytes], attempt: Attempt, services: Services
+def test_each_malformed_enrollment_is_refused_as_such_and_recorded_with_no_tenant_or_device(
+    attempt: Attempt, services: Services, subtests: pytest.Subtests
 ) -> None:
-    response = attempt.http.post(ENROLL, content=build(attempt), headers={"Content-Type": "application/json"})
+    """One server for the whole table (a subtest per row): each row adds exactly one event of no tenant."""
+    for name, build in MALFORMED.items():
+        with subtests.test(name):
+            before = refusals_of_no_tenant(services)
 
-    assert_refused(response, 400, "enrollment_malformed")
+            response = attempt.http.post(
+                ENROLL, content=build(attempt), headers={"Content-Type": "application/json"}
+            )
+
+            assert_refused(response, 400, "enrollment_malformed")
+            assert refusals_of_no_tenant(services) == [("enrollment_malformed", None), *before]
     assert certificate_rows(services) == 0
-    assert refusals_of_no_tenant(services) == [("enrollment_malformed", None)]
     assert attempt.tenant.events(kind="attestation") == []
 
 
@@ -649,10 +698,13 @@ NONCE_REQUESTS_MALFORMED: dict[str, bytes] = {
 }
 
 
-@pytest.mark.parametrize("body", NONCE_REQUESTS_MALFORMED.values(), ids=NONCE_REQUESTS_MALFORMED.keys())
-def test_a_malformed_nonce_request_is_refused_with_400(http: httpx.Client, body: bytes) -> None:
-    response = http.post(NONCE, content=body, headers={"Content-Type": "application/json"})
-    assert_refused(response, 400, "nonce_request_malformed")
+def test_each_malformed_nonce_request_is_refused_with_400(
+    http: httpx.Client, subtests: pytest.Subtests
+) -> None:
+    for name, body in NONCE_REQUESTS_MALFORMED.items():
+        with subtests.test(name):
+            response = http.post(NONCE, content=body, headers={"Content-Type": "application/json"})
+            assert_refused(response, 400, "nonce_request_malformed")
 
 
 def test_an_oversized_nonce_request_is_refused_with_413(http: httpx.Client, services: Services) -> None:

@@ -78,6 +78,8 @@ class Refusal:
 
     error: FleetwardError
     device_id: str | None
+    #: the nonce the refused request presented, if it was a valid one: it is spent all the same
+    nonce: Nonce | None = None
 
 
 #: What the enrollment batcher carries: a parsed request to judge, or a refusal to record.
@@ -404,19 +406,20 @@ class AuthorityService:
     def _refuse_replays(
         self, connection: Connection, work: list[attestation.PreparedEnrollment | Refusal]
     ) -> list[attestation.PreparedEnrollment | Refusal]:
-        """Redeem each nonce; a nonce already redeemed, before or earlier in this batch, is refused."""
-        fresh = self._redeem(
-            connection, [item.nonce for item in work if isinstance(item, attestation.PreparedEnrollment)]
-        )
+        """Redeem each valid nonce presented, refused request or not; refuse those redeemed before.
+
+        "Before" includes earlier in this batch: the first request to present a nonce spends it.
+        """
+        fresh = self._redeem(connection, [item.nonce for item in work if item.nonce is not None])
         checked: list[attestation.PreparedEnrollment | Refusal] = []
         for item in work:
-            if isinstance(item, attestation.PreparedEnrollment):
-                if item.nonce.nonce_id not in fresh:
-                    replayed = AttestationRefused(
-                        "the nonce was already used; ask for a new one", code="nonce_replayed"
-                    )
-                    checked.append(Refusal(replayed, item.device_id))
-                    continue
+            if isinstance(item, attestation.PreparedEnrollment) and item.nonce.nonce_id not in fresh:
+                replayed = AttestationRefused(
+                    "the nonce was already used; ask for a new one", code="nonce_replayed"
+                )
+                checked.append(Refusal(replayed, item.device_id))
+                continue
+            if item.nonce is not None:
                 fresh.discard(item.nonce.nonce_id)
             checked.append(item)
         return checked
@@ -487,7 +490,12 @@ class AuthorityService:
         try:
             return attestation.prepare(item, self._codec, now, self._limits)
         except AttestationRefused as refused:
-            return Refusal(refused, item.evidence.device_id)
+            evidence = item.evidence
+            try:  # a valid nonce is spent by any request that presents it, whatever the verdict
+                nonce: Nonce | None = self._codec.open(evidence.nonce, evidence.device_id, now)
+            except AttestationRefused:
+                nonce = None
+            return Refusal(refused, evidence.device_id, nonce)
 
     def _standings(
         self, connection: Connection, device_ids: set[str]

@@ -6,6 +6,7 @@ and by the token's tenant if the token names one. Default deny: no role, no acce
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -37,6 +38,8 @@ class Principal:
     token_scopes: frozenset[Scope]
     roles: Mapping[str, Role] = field(default_factory=dict)
     can_create_tenants: bool = False
+    #: when the token of this request expires (``None``: never); a token it creates may not outlive it
+    token_expires_at: dt.datetime | None = None
 
     def scopes_in(self, tenant_id: str) -> frozenset[Scope]:
         """What this request may do in ``tenant_id``."""

@@ -193,6 +193,11 @@ class RegistryService:
         days = valid_days or self._limits.token_max_validity_days
         if not 0 < days <= self._limits.token_max_validity_days:
             raise InvalidInput(f"a token is valid for 1 to {self._limits.token_max_validity_days} days")
+        expires_at = self._clock.now() + dt.timedelta(days=days)
+        if principal.token_expires_at is not None and expires_at > principal.token_expires_at:
+            if valid_days is not None:
+                raise InvalidInput("a new token cannot outlive the current one", code="scope_escalation")
+            expires_at = principal.token_expires_at  # by default, as long as the current one allows
         with self._db.write() as connection:
             return self._insert_token(
                 connection,
@@ -200,7 +205,7 @@ class RegistryService:
                 tenant_id,
                 self._name(name, "token name"),
                 wanted,
-                self._clock.now() + dt.timedelta(days=days),
+                expires_at,
             )
 
     def _insert_token(
@@ -295,6 +300,7 @@ class RegistryService:
             token_scopes=parse_scopes(row.scopes),
             roles=roles,
             can_create_tenants=row.can_create_tenants,
+            token_expires_at=row.expires_at,
         )
 
     # ---------------------------------------------------------------- tenants and roles
