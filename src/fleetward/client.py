@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ssl
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
@@ -10,8 +9,7 @@ from typing import TypeVar
 import httpx
 from pydantic import BaseModel, TypeAdapter
 
-from fleetward.errors import ConfigurationError
-from fleetward.transport import check, network_error
+from fleetward.transport import check, network_error, trust
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -30,12 +28,7 @@ class FleetwardClient:
     ) -> None:
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        verify: ssl.SSLContext | bool = True
-        if ca_file:  # httpx deprecates verify=<path>: it wants the SSL context itself
-            try:
-                verify = ssl.create_default_context(cafile=str(ca_file))
-            except OSError as error:
-                raise ConfigurationError(f"cannot trust the CA file {ca_file}: {error}") from None
+        verify = trust(ca_file)
         self._http = httpx.Client(
             base_url=self.url,
             headers=headers,

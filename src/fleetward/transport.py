@@ -7,11 +7,14 @@ same code, same message); a network failure becomes a :class:`TransportError`.
 from __future__ import annotations
 
 import json
+import ssl
+from pathlib import Path
 
 import httpx
 
 from fleetward.errors import (
     AttestationRefused,
+    ConfigurationError,
     Conflict,
     FleetwardError,
     InvalidInput,
@@ -58,6 +61,16 @@ def check(response: httpx.Response) -> httpx.Response:
     if response.is_success:
         return response
     raise error_from_response(response)
+
+
+def trust(ca_file: Path | None) -> ssl.SSLContext | bool:
+    """What httpx should verify servers with: the system's CAs, or only those in ``ca_file``."""
+    if ca_file is None:
+        return True
+    try:  # httpx deprecates verify=<path>: it wants the SSL context itself
+        return ssl.create_default_context(cafile=str(ca_file))
+    except OSError as error:
+        raise ConfigurationError(f"cannot trust the CA file {ca_file}: {error}") from None
 
 
 def network_error(error: httpx.HTTPError, url: str) -> TransportError:

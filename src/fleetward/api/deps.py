@@ -12,6 +12,8 @@ from fleetward.errors import Unauthenticated
 from fleetward.registry.access import Principal
 from fleetward.registry.service import RegistryService
 
+MAX_AUTHORIZATION_CHARS = 256
+
 
 def services(request: Request) -> Services:
     found: Services = request.app.state.services
@@ -28,11 +30,13 @@ def authority(request: Request) -> AuthorityService:
 
 def principal(
     request: Request,
-    authorization: Annotated[str | None, Header(max_length=256)] = None,
+    authorization: Annotated[str | None, Header()] = None,
 ) -> Principal:
     """The operator behind ``Authorization: Bearer fwt_…``; 401 without a live token."""
     if authorization is None:
         raise Unauthenticated("this call needs an API token (Authorization: Bearer …)", code="token_missing")
+    if len(authorization) > MAX_AUTHORIZATION_CHARS:
+        raise Unauthenticated("the Authorization header is longer than any API token", code="token_malformed")
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise Unauthenticated("use the Bearer scheme with an API token", code="token_malformed")

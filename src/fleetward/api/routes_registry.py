@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
@@ -286,10 +287,13 @@ def list_events(
     registry: RegistryDep,
     device_id: str | None = None,
     kind: str | None = None,
+    since: dt.datetime | None = None,
     limit: Limit = 100,
 ) -> list[schemas.EventPublic]:
     """Events of the tenant, newest first: what operators did, what devices did, every refusal."""
-    return [
-        schemas.EventPublic.model_validate(event)
-        for event in registry.list_events(principal, tenant_id, device_id=device_id, kind=kind, limit=limit)
-    ]
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=dt.UTC)
+    events = registry.list_events(
+        principal, tenant_id, device_id=device_id, kind=kind, since=since, limit=limit
+    )
+    return [schemas.EventPublic.model_validate(event) for event in events]

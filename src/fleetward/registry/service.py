@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection, Row
 
 from fleetward.clock import Clock
 from fleetward.config import Limits
-from fleetward.errors import Conflict, InvalidInput, NotFound, Unauthenticated
+from fleetward.errors import Conflict, InvalidInput, NotFound, PermissionDenied, Unauthenticated
 from fleetward.registry.access import Principal, format_scopes, parse_scopes
 from fleetward.registry.models import (
     DEFAULT_GROUPS,
@@ -128,7 +128,10 @@ class RegistryService:
     def create_operator(
         self, principal: Principal, email: str, name: str, can_create_tenants: bool = False
     ) -> tuple[Operator, str]:
-        """Create an operator and a first unrestricted read token for them to start from."""
+        """Create an operator and a first unrestricted token (every scope) for them to start from.
+
+        The token reaches only tenants where the new operator is given a role.
+        """
         principal.require_tenant_creation()
         with self._db.write() as connection:
             operator = self._insert_operator(connection, email, name, can_create_tenants)
@@ -253,6 +256,12 @@ class RegistryService:
         return [_token(row) for row in rows]
 
     def revoke_token(self, principal: Principal, token_id: str) -> None:
+        """Revoke one of the caller's tokens: itself with any scope, another only with the 'admin' scope."""
+        if token_id != principal.token_id and Scope.ADMIN not in principal.token_scopes:
+            raise PermissionDenied(
+                "revoking another of your tokens needs a token with the 'admin' scope",
+                code="token_scope_missing",
+            )
         with self._db.write() as connection:
             result = connection.execute(
                 api_tokens.update()
@@ -310,8 +319,13 @@ class RegistryService:
         principal.require_tenant_creation()
         tenant = Tenant(id=_new_id(), name=self._name(name, "tenant name"), created_at=self._clock.now())
         with self._db.write() as connection:
-            if connection.execute(sa.select(tenants.c.id).where(tenants.c.name == tenant.name)).first():
-                raise Conflict(f"a tenant named {tenant.name!r} exists", code="tenant_exists")
+            # Names are unique among the tenants you hold a role in; others' names are none of your business.
+            mine = sa.select(role_assignments.c.tenant_id).where(
+                role_assignments.c.operator_id == principal.operator_id
+            )
+            duplicate = sa.select(tenants.c.id).where(tenants.c.name == tenant.name, tenants.c.id.in_(mine))
+            if connection.execute(duplicate).first():
+                raise Conflict(f"you already have a tenant named {tenant.name!r}", code="tenant_exists")
             connection.execute(tenants.insert().values(**tenant.__dict__))
             connection.execute(
                 role_assignments.insert().values(
@@ -843,7 +857,7 @@ class RegistryService:
                         principal,
                         "device",
                         "moved",
-                        f"device moved to group {group_id}",
+                        f"device moved to group {group_id}" if group_id else "device removed from its group",
                         device_id=device.id,
                     )
                 ],

@@ -30,6 +30,7 @@ from fleetward.errors import AttestationRefused
 from fleetward.server import BackgroundServer, free_port
 from fleetward.service_tls import ensure_service_tls
 from fleetward.sim.fleet import SimulatedDevice, image_digest, measurement
+from fleetward.transport import trust
 from fleetward.wire.evidence import Measurement
 
 console = Console()
@@ -126,7 +127,7 @@ def _set_up_tenant(operator: FleetwardClient) -> tuple[str, str]:
 
 async def _enroll_fleet(url: str, ca_file: Path, fleet: list[SimulatedDevice]) -> None:
     started = time.perf_counter()
-    async with httpx.AsyncClient(verify=str(ca_file), timeout=30) as http:
+    async with httpx.AsyncClient(verify=trust(ca_file), timeout=30) as http:
         with Progress(
             TextColumn("devices attesting"),
             BarColumn(),
@@ -172,7 +173,7 @@ async def _show_refusals(
     table.add_column("device")
     table.add_column("code")
     table.add_column("reason")
-    async with httpx.AsyncClient(verify=str(ca_file), timeout=30) as http:
+    async with httpx.AsyncClient(verify=trust(ca_file), timeout=30) as http:
         for name, device in extra.items():
             try:
                 await device.enroll(url, http)

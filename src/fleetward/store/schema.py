@@ -65,7 +65,7 @@ tenants = Table(
     "tenants",
     metadata,
     Column("id", String(ID), primary_key=True),
-    Column("name", String(NAME), nullable=False, unique=True),
+    Column("name", String(NAME), nullable=False),
     Column("created_at", UtcDateTime, nullable=False),
 )
 

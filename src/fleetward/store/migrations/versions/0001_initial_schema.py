@@ -66,7 +66,6 @@ def upgrade() -> None:
         sa.Column("name", sa.String(length=128), nullable=False),
         sa.Column("created_at", fleetward.store.schema.UtcDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_tenants")),
-        sa.UniqueConstraint("name", name=op.f("uq_tenants_name")),
     )
     op.create_table(
         "api_tokens",
