@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 from cryptography import x509
@@ -50,7 +51,9 @@ from fleetward.config import Limits, Settings
 from fleetward.registry.models import ClaimRequest
 from fleetward.server import free_port
 from fleetward.sim.fleet import image_digest, measurement
+from fleetward.store.events import Event, record
 from fleetward.store.schema import certificates
+from fleetward.transport import trust
 from fleetward.wire.evidence import EnrollmentRequest, Evidence, Measurement
 from fleetward.wire.identity import public_key_sha256
 
@@ -208,23 +211,28 @@ def breakdown(count: int = 1000, batch: int = 50) -> dict[str, float]:
         mark = timed("open the nonce, check the CSR and its binding", mark)
         for start in range(0, count, batch):
             chunk = prepared[start : start + batch]
-            with services.database.write() as connection:
+            with services.database.read() as connection:
                 standings = authority._standings(connection, {item.device_id for item in chunk})
-                authority._refuse_replays(connection, list(chunk))
                 policy = authority._policy(connection, tenant.id)
-                mark = timed("store: read devices and policy, redeem nonces", mark)
-                for item in chunk:
-                    attestation.judge(item, standings[item.device_id], policy)
-                mark = timed("verify the evidence signature and measurements", mark)
-                issued = [
-                    authority._issue(connection, item, standings[item.device_id], now) for item in chunk
-                ]
-                mark = timed("sign the certificate, build the answer", mark)
-                connection.execute(certificates.insert(), [row for _answer, row in issued])
-                mark = timed("store: insert certificates", mark)
+            mark = timed("store: read the devices and the policy", mark)
+            for item in chunk:
+                attestation.judge(item, standings[item.device_id], policy)
+            mark = timed("verify the evidence signature and measurements", mark)
+            drafts: list[Any] = [authority._draft(item, standings[item.device_id], now) for item in chunk]
+            mark = timed("sign the certificate, build the answer", mark)
+            with services.database.write() as connection:
+                drafts = authority._refuse_fallen(connection, authority._refuse_replays(connection, drafts))
+                mark = timed("store: redeem nonces, confirm standings", mark)
+                connection.execute(certificates.insert(), [draft.row for draft in drafts])
+                record(
+                    connection,
+                    [Event(at=now, kind="attestation", code="certificate_issued", detail="")] * len(chunk),
+                )
+                mark = timed("store: insert certificates and events", mark)
             mark = timed("store: commit", mark)
-        for _answer, _row in issued:
-            _answer.model_dump_json()
+            for draft in drafts:
+                draft.answer.model_dump_json()
+            mark = timed("encode the JSON answer", mark)
         services.close()
     return {step: seconds / count * 1e6 for step, seconds in spent.items()}
 
@@ -259,7 +267,7 @@ def start_server(
         stdout=subprocess.DEVNULL,
     )
     url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
-    verify: str | bool = str(data_dir / "tls" / "service-ca.pem") if tls else False
+    verify = trust(data_dir / "tls" / "service-ca.pem") if tls else False
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -365,7 +373,7 @@ def main() -> None:
     )
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--connections", type=int, default=128)
     parser.add_argument("--tls", action="store_true", help="HTTPS, as `fleetward init` sets up by default")
     parser.add_argument("--workers", type=int, default=1, help="`fleetward serve --workers`")
     arguments = parser.parse_args()

@@ -87,6 +87,19 @@ EnrollmentWork = EnrollmentRequest | Refusal
 
 
 @dataclass(frozen=True)
+class _Draft:
+    """A signed certificate not yet recorded: it is answered only if the transaction confirms it."""
+
+    nonce: Nonce
+    answer: EnrollmentResponse
+    row: dict[str, object]
+
+    @property
+    def device_id(self) -> str:
+        return self.answer.device_id
+
+
+@dataclass(frozen=True)
 class CertificateRecord:
     serial: str
     tenant_id: str
@@ -351,44 +364,51 @@ class AuthorityService:
     def process_enrollments(
         self, batch: Sequence[EnrollmentWork]
     ) -> list[EnrollmentResponse | FleetwardError]:
-        """Check, judge, issue and record a batch in one transaction. One answer per item, in order.
+        """Check, judge, sign and record a batch. One answer per item, in order.
 
-        Runs on the batcher's thread. Signature checks release the GIL, so they run on the verifier
-        threads side by side; signing and the store's work stay on this thread.
+        Runs on the batcher's thread. The checks and the signing happen outside the write transaction,
+        so that several worker processes (or nodes on PostgreSQL) sign side by side; the transaction
+        only redeems the nonces, confirms each device is still in good standing, and records. Signature
+        checks release the GIL, so they run on the verifier threads.
         """
         now = self._clock.now()
         work = self._verifiers.map_all(lambda item: self._prepared_or_refused(item, now), batch)
-        with self._db.write() as connection:
+        with self._db.read() as connection:
             standings = self._standings(connection, {item.device_id for item in work if item.device_id})
-            work = self._refuse_replays(connection, work)
             policies = {
                 tenant_id: self._policy(connection, tenant_id)
                 for tenant_id in {standing.tenant_id for standing in standings.values()}
             }
-            verdicts = self._verifiers.map_all(
-                lambda item: self._judged(item, standings.get(item.device_id or ""), policies), work
-            )
+        judged = self._verifiers.map_all(
+            lambda item: self._judged(item, standings.get(item.device_id or ""), policies), work
+        )
+        drafts = [
+            item if isinstance(item, Refusal) else self._draft(item, standings[item.device_id], now)
+            for item in judged
+        ]
+        with self._db.write() as connection:
+            drafts = self._refuse_replays(connection, drafts)
+            drafts = self._refuse_fallen(connection, drafts)
             answers: list[EnrollmentResponse | FleetwardError] = []
-            issued_rows: list[dict[str, object]] = []
             recorded: list[Event] = []
-            for verdict in verdicts:
-                standing = standings.get(verdict.device_id or "")
-                if isinstance(verdict, Refusal):
+            issued_rows: list[dict[str, object]] = []
+            for draft in drafts:
+                if isinstance(draft, Refusal):
+                    standing = standings.get(draft.device_id or "")
                     tenant_id = standing.tenant_id if standing else None
-                    recorded.append(self._refusal_event(now, verdict.error, verdict.device_id, tenant_id))
-                    answers.append(verdict.error)
+                    recorded.append(self._refusal_event(now, draft.error, draft.device_id, tenant_id))
+                    answers.append(draft.error)
                     continue
-                assert standing is not None
-                issued, row = self._issue(connection, verdict, standing, now)
-                issued_rows.append(row)
+                issued = draft.answer
+                issued_rows.append(draft.row)
                 recorded.append(
                     Event(
                         at=now,
                         kind="attestation",
                         code="certificate_issued",
                         detail=f"certificate {issued.serial} issued until {issued.not_after.isoformat()}",
-                        tenant_id=standing.tenant_id,
-                        device_id=verdict.device_id,
+                        tenant_id=issued.tenant_id,
+                        device_id=issued.device_id,
                     )
                 )
                 answers.append(issued)
@@ -403,25 +423,55 @@ class AuthorityService:
             event_log.record(connection, recorded)
         return answers
 
+    def _refuse_fallen(
+        self, connection: Connection, drafts: list[_Draft | Refusal]
+    ) -> list[_Draft | Refusal]:
+        """Refuse what was judged on a standing that changed since: revoked (or released) meanwhile.
+
+        On PostgreSQL the device rows stay locked until commit, so a revocation cannot slip in between.
+        """
+        wanted = sorted({draft.device_id for draft in drafts if isinstance(draft, _Draft)})
+        if not wanted:
+            return drafts
+        current = {
+            row.id: (row.tenant_id, row.status)
+            for row in connection.execute(
+                sa.select(devices.c.id, devices.c.tenant_id, devices.c.status)
+                .where(devices.c.id.in_(wanted))
+                .with_for_update()
+            )
+        }
+        checked: list[_Draft | Refusal] = []
+        for draft in drafts:
+            if isinstance(draft, _Draft) and current.get(draft.device_id) != (
+                draft.answer.tenant_id,
+                DeviceStatus.ACTIVE.value,
+            ):
+                fallen = AttestationRefused("the device is revoked", code="device_revoked")
+                checked.append(Refusal(fallen, draft.device_id))
+                continue
+            checked.append(draft)
+        return checked
+
     def _refuse_replays(
-        self, connection: Connection, work: list[attestation.PreparedEnrollment | Refusal]
-    ) -> list[attestation.PreparedEnrollment | Refusal]:
+        self, connection: Connection, drafts: list[_Draft | Refusal]
+    ) -> list[_Draft | Refusal]:
         """Redeem each valid nonce presented, refused request or not; refuse those redeemed before.
 
         "Before" includes earlier in this batch: the first request to present a nonce spends it.
         """
-        fresh = self._redeem(connection, [item.nonce for item in work if item.nonce is not None])
-        checked: list[attestation.PreparedEnrollment | Refusal] = []
-        for item in work:
-            if isinstance(item, attestation.PreparedEnrollment) and item.nonce.nonce_id not in fresh:
+        fresh = self._redeem(connection, [draft.nonce for draft in drafts if draft.nonce is not None])
+        checked: list[_Draft | Refusal] = []
+        for draft in drafts:
+            if isinstance(draft, _Draft) and draft.nonce.nonce_id not in fresh:
                 replayed = AttestationRefused(
                     "the nonce was already used; ask for a new one", code="nonce_replayed"
                 )
-                checked.append(Refusal(replayed, item.device_id))
+                checked.append(Refusal(replayed, draft.device_id))
                 continue
-            if item.nonce is not None:
-                fresh.discard(item.nonce.nonce_id)
-            checked.append(item)
+            if draft.nonce is not None:
+                fresh.discard(draft.nonce.nonce_id)
+            checked.append(draft)
         return checked
 
     @staticmethod
@@ -436,18 +486,14 @@ class AuthorityService:
         try:
             attestation.judge(item, standing, policy)
         except AttestationRefused as refused:
-            return Refusal(refused, item.device_id)
+            return Refusal(refused, item.device_id, item.nonce)
         return item
 
-    def _issue(
-        self,
-        connection: Connection,
-        accepted: attestation.PreparedEnrollment,
-        standing: attestation.DeviceStanding,
-        now: dt.datetime,
-    ) -> tuple[EnrollmentResponse, dict[str, object]]:
-        """Sign the operational certificate: the answer, and the row that records it."""
-        tenant_issuer = self._issuer(connection, standing.tenant_id)
+    def _draft(
+        self, accepted: attestation.PreparedEnrollment, standing: attestation.DeviceStanding, now: dt.datetime
+    ) -> _Draft:
+        """Sign the operational certificate: the answer, and the row that will record it."""
+        tenant_issuer = self._signing_issuer(standing.tenant_id)
         serial = x509.random_serial_number()
         certificate = ca.issue_operational_certificate(
             tenant_issuer.issuer,
@@ -470,7 +516,7 @@ class AuthorityService:
             "not_after": not_after,
             "der": der,
         }
-        issued = EnrollmentResponse(
+        answer = EnrollmentResponse(
             device_id=accepted.device_id,
             tenant_id=standing.tenant_id,
             serial=f"{serial:x}",
@@ -480,7 +526,14 @@ class AuthorityService:
             not_after=not_after,
             renew_after=now + (not_after - now) / 2,
         )
-        return issued, row
+        return _Draft(accepted.nonce, answer, row)
+
+    def _signing_issuer(self, tenant_id: str) -> _TenantIssuer:
+        cached = self._issuers.get(tenant_id)
+        if cached is not None:
+            return cached
+        with self._db.write() as connection:  # rare: the tenant's first enrollment since start
+            return self._issuer(connection, tenant_id)
 
     def _prepared_or_refused(
         self, item: EnrollmentWork, now: dt.datetime
