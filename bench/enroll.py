@@ -221,7 +221,10 @@ def breakdown(count: int = 1000, batch: int = 50) -> dict[str, float]:
             drafts: list[Any] = [authority._draft(item, standings[item.device_id], now) for item in chunk]
             mark = timed("sign the certificate, build the answer", mark)
             with services.database.write() as connection:
-                drafts = authority._refuse_fallen(connection, authority._refuse_replays(connection, drafts))
+                confirmed = authority._refuse_fallen(
+                    connection, authority._refuse_replays(connection, drafts)
+                )
+                assert confirmed == drafts, "every request of the breakdown is a good one"
                 mark = timed("store: redeem nonces, confirm standings", mark)
                 connection.execute(certificates.insert(), [draft.row for draft in drafts])
                 record(
