@@ -33,7 +33,7 @@ from fleetward.client import FleetwardClient
 from fleetward.clock import FakeClock
 from fleetward.compose import Services, build_services
 from fleetward.config import Limits, Settings
-from fleetward.errors import ConfigurationError
+from fleetward.errors import AttestationRefused, ConfigurationError
 from fleetward.registry.models import OsFeed, Role, UpdatePolicy
 from fleetward.server import BackgroundServer, free_port
 from fleetward.sim.fleet import SimulatedDevice
@@ -748,6 +748,37 @@ def test_a_token_revokes_itself_but_only_an_admin_token_revokes_the_others(
     assert anonymous.delete(f"/v1/tokens/{reader.token.id}", headers=as_reader).status_code == 204
     assert error_of(anonymous.get("/v1/me", headers=as_reader)) == (401, "token_revoked")
     assert admin_http.delete(f"/v1/tokens/{spare.token.id}").status_code == 204
+
+
+def test_an_operator_whose_tokens_ran_out_is_given_a_new_one_by_a_platform_operator(
+    admin: FleetwardClient, admin_http: httpx.Client, anonymous: httpx.Client, team: Team, tenant: TenantSetup
+) -> None:
+    member = team.join("field@example.com", role=Role.CONTRIBUTOR, tenant_id=tenant.id)
+    body = {"name": "replacement", "scopes": ["read", "write"], "valid_days": 30}
+    refused = member.http.post("/v1/operators/admin@example.com/tokens", json=body)
+    assert error_of(refused) == (403, "cannot_create_tenants")
+    issued = admin_http.post(f"/v1/operators/{member.email}/tokens", json=body)
+    assert issued.status_code == 201, issued.text
+    me = anonymous.get("/v1/me", headers=bearer(issued.json()["secret"])).json()
+    assert me["email"] == member.email
+    assert me["scopes"] == ["read", "write"]
+    unknown = admin_http.post("/v1/operators/nobody@example.com/tokens", json=body)
+    assert error_of(unknown) == (404, "operator_not_found")
+    events = admin.get_list("/v1/events", schemas.EventPublic, {"kind": "token"})
+    assert any(member.email in event.detail and event.actor == "admin@example.com" for event in events)
+
+
+def test_events_of_no_tenant_are_listed_for_platform_operators_only(
+    admin: FleetwardClient, server: BackgroundServer, team: Team, tenant: TenantSetup
+) -> None:
+    stranger = SimulatedDevice("stranger", healthy_software())
+    with pytest.raises(AttestationRefused):
+        enroll(server, stranger)
+    platform = admin.get_list("/v1/events", schemas.EventPublic, {"kind": "attestation"})
+    assert [(event.code, event.device_id) for event in platform] == [("device_unclaimed", stranger.device_id)]
+    assert any(event.kind == "operator" for event in admin.get_list("/v1/events", schemas.EventPublic))
+    member = team.join("reader@example.com", role=Role.READER, tenant_id=tenant.id)
+    assert error_of(member.http.get("/v1/events")) == (403, "cannot_create_tenants")
 
 
 def test_tenant_names_are_unique_per_operator_and_reveal_nothing_of_other_tenants(

@@ -68,6 +68,30 @@ def create_token(
     return schemas.TokenCreated(token=_token_public(token), secret=secret)
 
 
+@router.post("/operators/{email}/tokens", status_code=status.HTTP_201_CREATED, tags=["operators"])
+def create_token_for(
+    email: str, body: schemas.TokenCreate, principal: PrincipalDep, registry: RegistryDep
+) -> schemas.TokenCreated:
+    """A new token for another operator (operators who may create tenants only). The secret is shown once."""
+    token, secret = registry.create_token(
+        principal, body.name, body.tenant_id, ",".join(body.scopes), body.valid_days, for_email=email
+    )
+    return schemas.TokenCreated(token=_token_public(token), secret=secret)
+
+
+@router.get("/events", tags=["events"])
+def list_platform_events(
+    principal: PrincipalDep,
+    registry: RegistryDep,
+    device_id: str | None = None,
+    kind: str | None = None,
+    limit: Limit = 100,
+) -> list[schemas.EventPublic]:
+    """Events of no tenant, newest first: operators created, refusals of devices no tenant claimed."""
+    events = registry.list_platform_events(principal, device_id=device_id, kind=kind, limit=limit)
+    return [schemas.EventPublic.model_validate(event) for event in events]
+
+
 @router.get("/tokens", tags=["operators"])
 def list_tokens(principal: PrincipalDep, registry: RegistryDep) -> list[schemas.TokenPublic]:
     return [_token_public(token) for token in registry.list_tokens(principal)]

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import typer
 
@@ -112,6 +113,8 @@ def init(
 
     state: State = context.obj
     settings = _settings(data_dir, host, port, database_url, public_url)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.chmod(0o700)  # the database and the master key live here
     services = build_services(settings, create_master_key=True)
     try:
         operator, token = services.registry.bootstrap(email, name)
@@ -122,7 +125,10 @@ def init(
     ca_file = None
     scheme = "http"
     if tls:
-        files = ensure_service_tls(data_dir / "tls", (settings.host, "localhost"))
+        names = [settings.host, "localhost"]
+        if settings.public_url:
+            names.insert(0, urlsplit(settings.public_url).hostname or settings.host)
+        files = ensure_service_tls(data_dir / "tls", tuple(dict.fromkeys(names)))
         ca_file = str(files.ca_file.resolve())
         scheme = "https"
     url = settings.public_url or f"{scheme}://{settings.host}:{settings.port}"
@@ -153,11 +159,20 @@ def serve(
     from fleetward.server import serve as run_server
     from fleetward.service_tls import paths
 
-    settings = _settings(data_dir, host, port, database_url, public_url)
+    settings = Settings.from_environment(
+        data_dir=data_dir,
+        host=host,
+        port=port,
+        database_url=database_url,
+        public_url=public_url,
+        tls_certificate=tls_certificate,
+        tls_private_key=tls_private_key,
+    )
     generated = paths(data_dir / "tls")
-    if tls_certificate is None and generated.certificate_file.exists():
-        tls_certificate, tls_private_key = generated.certificate_file, generated.private_key_file
-    settings = replace(settings, tls_certificate=tls_certificate, tls_private_key=tls_private_key)
+    if settings.tls_certificate is None and generated.certificate_file.exists():
+        settings = replace(
+            settings, tls_certificate=generated.certificate_file, tls_private_key=generated.private_key_file
+        )
     try:
         services = build_services(settings)
     except FleetwardError as error:

@@ -114,6 +114,33 @@ def operator_list(context: typer.Context) -> None:
     show_list(items, ["email", "name", "can_create_tenants", "id"], title="Operators", as_json=state.as_json)
 
 
+@operator_app.command("token")
+def operator_token(
+    context: typer.Context,
+    email: str,
+    name: Annotated[str, typer.Option(help="What the token is for.")] = "issued by an administrator",
+    scopes: Annotated[str, typer.Option(help="Comma-separated: read, write, delete, admin.")] = "read",
+    tenant: Annotated[str | None, typer.Option(help="Restrict the token to this tenant.")] = None,
+    valid_days: Annotated[int | None, typer.Option(min=1, help="Days until it expires.")] = None,
+) -> None:
+    """Give another operator a new token (for when theirs expired); the secret is shown once."""
+    state: State = context.obj
+    with state.client() as client:
+        tenant_id = resolve_tenant(client, tenant) if tenant else None
+        created = client.post(
+            f"/v1/operators/{email}/tokens",
+            schemas.TokenCreate(
+                name=name, tenant_id=tenant_id, scopes=scopes.split(","), valid_days=valid_days
+            ),
+            schemas.TokenCreated,
+        )
+    if state.as_json:
+        console.print_json(created.model_dump_json())
+        return
+    show_one(created.token, title=f"Token for {email}", as_json=False)
+    console.print(f"Secret (shown once, hand it over safely): [bold]{created.secret}[/bold]")
+
+
 @token_app.command("create")
 def token_create(
     context: typer.Context,
@@ -748,6 +775,27 @@ def floor_list(context: typer.Context, tenant: TenantOption = None) -> None:
     with client:
         items = client.get_list(f"/v1/tenants/{tenant_id}/security-floors", schemas.SecurityFloorPublic)
     show_list(items, ["component", "minimum_version"], title="Security floors", as_json=state.as_json)
+
+
+@event_app.command("platform")
+def event_platform(
+    context: typer.Context,
+    kind: Annotated[str | None, typer.Option(help="e.g. attestation, operator.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
+) -> None:
+    """List events of no tenant (operators allowed to create tenants only)."""
+    state: State = context.obj
+    params: dict[str, str | int] = {"limit": limit}
+    if kind:
+        params["kind"] = kind
+    with state.client() as client:
+        items = client.get_list("/v1/events", schemas.EventPublic, params)
+    show_list(
+        items,
+        ["at", "kind", "code", "severity", "device_id", "actor", "detail"],
+        title="Events",
+        as_json=state.as_json,
+    )
 
 
 @event_app.command("list")

@@ -135,6 +135,19 @@ class RegistryService:
         principal.require_tenant_creation()
         with self._db.write() as connection:
             operator = self._insert_operator(connection, email, name, can_create_tenants)
+            event_log.record(
+                connection,
+                [
+                    Event(
+                        at=operator.created_at,
+                        kind="operator",
+                        code="created",
+                        detail=f"operator {operator.email} created"
+                        + (" (may create tenants)" if can_create_tenants else ""),
+                        actor=principal.email,
+                    )
+                ],
+            )
             _token, secret = self._insert_token(
                 connection,
                 operator.id,
@@ -176,8 +189,16 @@ class RegistryService:
         tenant_id: str | None,
         scopes: frozenset[Scope] | str,
         valid_days: int | None = None,
+        *,
+        for_email: str | None = None,
     ) -> tuple[ApiToken, str]:
-        """A new token for the caller, never broader than the caller's own token."""
+        """A new token, never broader nor longer-lived than the caller's own token.
+
+        For the caller, or (``for_email``) for another operator: only operators who may create tenants
+        may do that, so that someone whose tokens all expired can be given a new one.
+        """
+        if for_email is not None:
+            principal.require_tenant_creation()
         try:
             wanted = parse_scopes(scopes) if isinstance(scopes, str) else scopes
         except ValueError as error:
@@ -191,7 +212,7 @@ class RegistryService:
                 "a tenant-restricted token can only create tokens for the same tenant",
                 code="scope_escalation",
             )
-        if tenant_id is not None:
+        if tenant_id is not None and for_email is None:
             principal.require(tenant_id, Scope.READ)
         days = valid_days or self._limits.token_max_validity_days
         if not 0 < days <= self._limits.token_max_validity_days:
@@ -202,14 +223,32 @@ class RegistryService:
                 raise InvalidInput("a new token cannot outlive the current one", code="scope_escalation")
             expires_at = principal.token_expires_at  # by default, as long as the current one allows
         with self._db.write() as connection:
-            return self._insert_token(
-                connection,
-                principal.operator_id,
-                tenant_id,
-                self._name(name, "token name"),
-                wanted,
-                expires_at,
+            owner_id = principal.operator_id
+            if for_email is not None:
+                owner = connection.execute(
+                    sa.select(operators.c.id).where(operators.c.email == for_email.strip().lower())
+                ).first()
+                if owner is None:
+                    raise NotFound(f"no operator with email {for_email}", code="operator_not_found")
+                owner_id = owner.id
+            token, secret = self._insert_token(
+                connection, owner_id, tenant_id, self._name(name, "token name"), wanted, expires_at
             )
+            event_log.record(
+                connection,
+                [
+                    Event(
+                        at=token.created_at,
+                        kind="token",
+                        code="created",
+                        detail=f"token {token.id} ({format_scopes(wanted)}) "
+                        f"for {for_email or principal.email}",
+                        tenant_id=tenant_id,
+                        actor=principal.email,
+                    )
+                ],
+            )
+            return token, secret
 
     def _insert_token(
         self,
@@ -274,6 +313,18 @@ class RegistryService:
             )
             if result.rowcount == 0:
                 raise NotFound("you have no active token with that id", code="token_not_found")
+            event_log.record(
+                connection,
+                [
+                    Event(
+                        at=self._clock.now(),
+                        kind="token",
+                        code="revoked",
+                        detail=f"token {token_id} revoked",
+                        actor=principal.email,
+                    )
+                ],
+            )
 
     def authenticate(self, token_text: str) -> Principal:
         """The principal behind a bearer token; ``Unauthenticated`` for anything not a live token."""
@@ -863,6 +914,20 @@ class RegistryService:
                 ],
             )
             return device_in(connection, tenant_id, device.id)
+
+    def list_platform_events(
+        self, principal: Principal, *, device_id: str | None = None, kind: str | None = None, limit: int = 100
+    ) -> list[Event]:
+        """Events of no tenant (operators, refusals of devices no tenant claimed): platform operators only."""
+        principal.require_tenant_creation()
+        with self._db.read() as connection:
+            return event_log.query(
+                connection,
+                tenant_id=None,
+                device_id=device_id,
+                kind=kind,
+                limit=max(1, min(limit, self._limits.max_list_items)),
+            )
 
     def list_events(
         self,

@@ -26,6 +26,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from fleetward.errors import ConfigurationError, Conflict, TransportError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+_MIGRATION_LOCK = 0x666C656574  # "fleet": the advisory lock key that serializes migrations on PostgreSQL
 
 
 def _sqlite_engine(url: sa.URL, *, immediate: bool) -> Engine:
@@ -127,7 +128,9 @@ class Database:
         """Bring the schema to the newest migration."""
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS))
-        with _translated(), self._writer.begin() as connection:
+        with _translated(), self._writer_turn(), self._writer.begin() as connection:
+            if not self.is_sqlite:  # nodes starting together migrate one after the other
+                connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 
