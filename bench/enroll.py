@@ -370,6 +370,45 @@ def cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def end_to_end(
+    devices: list[Device], baseline: float, *, tls: bool, workers: int, connections: int, seconds: float
+) -> None:
+    """Start ``fleetward serve``, drive it for ``seconds``, print throughput, latency and CPU."""
+    with tempfile.TemporaryDirectory(prefix="fleetward-bench-") as scratch:
+        data_dir = Path(scratch)
+        port = free_port()
+        process, url, token = start_server(data_dir, port, tls, workers)
+        try:
+            ca_file = data_dir / "tls" / "service-ca.pem" if tls else None
+            prepare_tenant(url, token, ca_file, devices)
+            context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
+            asyncio.run(drive(port, context, devices, connections, 1.0))  # warm up
+            server_cpu = cpu_seconds(process.pid)
+            client_cpu = time.process_time()
+            issued, refused, latencies = asyncio.run(drive(port, context, devices, connections, seconds))
+            server_cpu = cpu_seconds(process.pid) - server_cpu
+            client_cpu = time.process_time() - client_cpu
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=30)
+    rate_per_second = issued / seconds
+    latencies.sort()
+    p50 = latencies[len(latencies) // 2] * 1000 if latencies else 0.0
+    p99 = latencies[int(len(latencies) * 0.99)] * 1000 if latencies else 0.0
+    setup = f"{'HTTPS' if tls else 'HTTP'}, SQLite, {workers} worker{'s' if workers > 1 else ''}"
+    print(
+        f"e2e       {setup}: {rate_per_second:8.0f} /s  "
+        f"({rate_per_second / baseline:.2f} of baseline; {issued} issued, {refused} refused, "
+        f"{connections} connections, p50 {p50:.1f} ms, p99 {p99:.1f} ms)"
+    )
+    if issued:
+        print(
+            f"          server CPU {server_cpu / issued * 1e6:.0f} µs per enrollment "
+            f"({server_cpu / seconds:.2f} cores busy); "
+            f"load generator CPU {client_cpu / issued * 1e6:.0f} µs per enrollment"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -378,7 +417,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--connections", type=int, default=128)
     parser.add_argument("--tls", action="store_true", help="HTTPS, as `fleetward init` sets up by default")
-    parser.add_argument("--workers", type=int, default=1, help="`fleetward serve --workers`")
+    parser.add_argument(
+        "--workers", default="1,2", help="`fleetward serve --workers`, one run per comma-separated value"
+    )
     arguments = parser.parse_args()
 
     print(f"fleetward enrollment benchmark ({os.cpu_count()} cores)")
@@ -386,45 +427,18 @@ def main() -> None:
     print(f"baseline  verify a CSR + sign a certificate: {base:8.0f} /s  (1.00)")
     core = core_rate(3.0)
     print(f"core      nonce + attestation + issuance:    {core:8.0f} /s  ({core / base:.2f} of baseline)")
-
     print("where the authority's time goes, µs per enrollment on one thread (SQLite, batches of 50):")
     for step, micros in breakdown().items():
         print(f"          {micros:7.1f}  {step}")
-
     devices = [Device() for _ in range(arguments.devices)]
-    with tempfile.TemporaryDirectory(prefix="fleetward-bench-") as scratch:
-        data_dir = Path(scratch)
-        port = free_port()
-        process, url, token = start_server(data_dir, port, arguments.tls, arguments.workers)
-        try:
-            ca_file = data_dir / "tls" / "service-ca.pem" if arguments.tls else None
-            prepare_tenant(url, token, ca_file, devices)
-            context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
-            asyncio.run(drive(port, context, devices, arguments.connections, 1.0))  # warm up
-            server_cpu = cpu_seconds(process.pid)
-            client_cpu = time.process_time()
-            issued, refused, latencies = asyncio.run(
-                drive(port, context, devices, arguments.connections, arguments.seconds)
-            )
-            server_cpu = cpu_seconds(process.pid) - server_cpu
-            client_cpu = time.process_time() - client_cpu
-        finally:
-            process.send_signal(signal.SIGINT)
-            process.wait(timeout=30)
-    end_to_end = issued / arguments.seconds
-    latencies.sort()
-    p50 = latencies[len(latencies) // 2] * 1000 if latencies else 0.0
-    p99 = latencies[int(len(latencies) * 0.99)] * 1000 if latencies else 0.0
-    print(
-        f"e2e       through the API ({'HTTPS' if arguments.tls else 'HTTP'}, SQLite): {end_to_end:8.0f} /s  "
-        f"({end_to_end / base:.2f} of baseline; {issued} issued, {refused} refused, "
-        f"{arguments.connections} connections, p50 {p50:.1f} ms, p99 {p99:.1f} ms)"
-    )
-    if issued:
-        print(
-            f"          server CPU {server_cpu / issued * 1e6:.0f} µs per enrollment "
-            f"({server_cpu / arguments.seconds:.2f} cores busy), "
-            f"load generator CPU {client_cpu / issued * 1e6:.0f} µs per enrollment"
+    for workers in (int(value) for value in arguments.workers.split(",")):
+        end_to_end(
+            devices,
+            base,
+            tls=arguments.tls,
+            workers=workers,
+            connections=arguments.connections,
+            seconds=arguments.seconds,
         )
 
 
