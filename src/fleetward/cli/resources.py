@@ -14,7 +14,7 @@ from fleetward.api import schemas
 from fleetward.authority.service import CaKind, RevocationReason
 from fleetward.cli.output import console, show_list, show_one
 from fleetward.cli.state import State, fail, resolve_tenant
-from fleetward.client import FleetwardClient
+from fleetward.client import FleetwardClient, Model
 from fleetward.registry.models import DeviceStatus, OsFeed, Role, UpdatePolicy
 
 TenantOption = Annotated[str | None, typer.Option("--tenant", help="Tenant id or name (else the profile's).")]
@@ -32,6 +32,32 @@ def _in_tenant(context: typer.Context, tenant: str | None) -> tuple[State, Fleet
     except BaseException:
         client.close()  # the caller's ``with client`` is not reached: do not leak its connection
         raise
+
+
+def _list_in_tenant(
+    context: typer.Context,
+    tenant: str | None,
+    path: str,
+    model: type[Model],
+    columns: list[str],
+    title: str,
+    params: dict[str, str | int] | None = None,
+) -> None:
+    """GET a list under the tenant and show it as a table (or JSON)."""
+    state, client, tenant_id = _in_tenant(context, tenant)
+    with client:
+        items = client.get_list(f"/v1/tenants/{tenant_id}{path}", model, params)
+    show_list(items, columns, title=title, as_json=state.as_json)
+
+
+def _show_in_tenant(
+    context: typer.Context, tenant: str | None, path: str, model: type[Model], title: str
+) -> None:
+    """GET one thing under the tenant and show it."""
+    state, client, tenant_id = _in_tenant(context, tenant)
+    with client:
+        item = client.get(f"/v1/tenants/{tenant_id}{path}", model)
+    show_one(item, title=title, as_json=state.as_json)
 
 
 def _group(name: str, help_text: str) -> typer.Typer:
@@ -214,10 +240,7 @@ def tenant_list(context: typer.Context) -> None:
 @tenant_app.command("show")
 def tenant_show(context: typer.Context, tenant: TenantOption = None) -> None:
     """Show a tenant."""
-    state, client, tenant_id = _in_tenant(context, tenant)
-    with client:
-        item = client.get(f"/v1/tenants/{tenant_id}", schemas.TenantPublic)
-    show_one(item, title="Tenant", as_json=state.as_json)
+    _show_in_tenant(context, tenant, "", schemas.TenantPublic, "Tenant")
 
 
 @tenant_app.command("use")
@@ -249,10 +272,7 @@ def role_add(
 @role_app.command("list")
 def role_list(context: typer.Context, tenant: TenantOption = None) -> None:
     """List who holds which role in the tenant."""
-    state, client, tenant_id = _in_tenant(context, tenant)
-    with client:
-        items = client.get_list(f"/v1/tenants/{tenant_id}/roles", schemas.RolePublic)
-    show_list(items, ["email", "role", "created_at"], title="Roles", as_json=state.as_json)
+    _list_in_tenant(context, tenant, "/roles", schemas.RolePublic, ["email", "role", "created_at"], "Roles")
 
 
 @role_app.command("remove")
@@ -297,19 +317,15 @@ def product_create(
 @product_app.command("list")
 def product_list(context: typer.Context, tenant: TenantOption = None) -> None:
     """List products."""
-    state, client, tenant_id = _in_tenant(context, tenant)
-    with client:
-        items = client.get_list(f"/v1/tenants/{tenant_id}/products", schemas.ProductPublic)
-    show_list(items, ["name", "description", "id"], title="Products", as_json=state.as_json)
+    _list_in_tenant(
+        context, tenant, "/products", schemas.ProductPublic, ["name", "description", "id"], "Products"
+    )
 
 
 @product_app.command("show")
 def product_show(context: typer.Context, product: str, tenant: TenantOption = None) -> None:
     """Show a product (by id or name)."""
-    state, client, tenant_id = _in_tenant(context, tenant)
-    with client:
-        item = client.get(f"/v1/tenants/{tenant_id}/products/{product}", schemas.ProductPublic)
-    show_one(item, title="Product", as_json=state.as_json)
+    _show_in_tenant(context, tenant, f"/products/{product}", schemas.ProductPublic, "Product")
 
 
 @product_app.command("update")
@@ -372,25 +388,22 @@ def group_list(
     tenant: TenantOption = None,
 ) -> None:
     """List device groups."""
-    state, client, tenant_id = _in_tenant(context, tenant)
     params: dict[str, str | int] = {"product": product} if product else {}
-    with client:
-        items = client.get_list(f"/v1/tenants/{tenant_id}/device-groups", schemas.DeviceGroupPublic, params)
-    show_list(
-        items,
+    _list_in_tenant(
+        context,
+        tenant,
+        "/device-groups",
+        schemas.DeviceGroupPublic,
         ["name", "update_policy", "os_feed", "allow_crash_dumps", "product_id", "id"],
-        title="Device groups",
-        as_json=state.as_json,
+        "Device groups",
+        params,
     )
 
 
 @group_app.command("show")
 def group_show(context: typer.Context, group_id: str, tenant: TenantOption = None) -> None:
     """Show a device group."""
-    state, client, tenant_id = _in_tenant(context, tenant)
-    with client:
-        item = client.get(f"/v1/tenants/{tenant_id}/device-groups/{group_id}", schemas.DeviceGroupPublic)
-    show_one(item, title="Device group", as_json=state.as_json)
+    _show_in_tenant(context, tenant, f"/device-groups/{group_id}", schemas.DeviceGroupPublic, "Device group")
 
 
 @group_app.command("update")
@@ -514,7 +527,6 @@ def device_list(
     tenant: TenantOption = None,
 ) -> None:
     """List devices."""
-    state, client, tenant_id = _in_tenant(context, tenant)
     params: dict[str, str | int] = {"limit": limit, "offset": offset}
     if group_id:
         params["group_id"] = group_id
@@ -522,13 +534,14 @@ def device_list(
         params["product"] = product
     if status:
         params["status"] = status.value
-    with client:
-        items = client.get_list(f"/v1/tenants/{tenant_id}/devices", schemas.DevicePublic, params)
-    show_list(
-        items,
+    _list_in_tenant(
+        context,
+        tenant,
+        "/devices",
+        schemas.DevicePublic,
         ["id", "status", "group_id", "last_attested_at", "claimed_at"],
-        title="Devices",
-        as_json=state.as_json,
+        "Devices",
+        params,
     )
 
 
@@ -609,27 +622,24 @@ def certificate_list(
     tenant: TenantOption = None,
 ) -> None:
     """List issued certificates, newest first."""
-    state, client, tenant_id = _in_tenant(context, tenant)
     params: dict[str, str | int] = {"limit": limit}
     if device_id:
         params["device_id"] = device_id
-    with client:
-        items = client.get_list(f"/v1/tenants/{tenant_id}/certificates", schemas.CertificatePublic, params)
-    show_list(
-        items,
+    _list_in_tenant(
+        context,
+        tenant,
+        "/certificates",
+        schemas.CertificatePublic,
         ["serial", "device_id", "not_after", "revoked_at", "revocation_reason"],
-        title="Certificates",
-        as_json=state.as_json,
+        "Certificates",
+        params,
     )
 
 
 @certificate_app.command("show")
 def certificate_show(context: typer.Context, serial: str, tenant: TenantOption = None) -> None:
     """Show a certificate (PEM included)."""
-    state, client, tenant_id = _in_tenant(context, tenant)
-    with client:
-        item = client.get(f"/v1/tenants/{tenant_id}/certificates/{serial}", schemas.CertificatePublic)
-    show_one(item, title="Certificate", as_json=state.as_json)
+    _show_in_tenant(context, tenant, f"/certificates/{serial}", schemas.CertificatePublic, "Certificate")
 
 
 @certificate_app.command("revoke")
@@ -669,10 +679,14 @@ def ca_download(
 @ca_app.command("list")
 def ca_list(context: typer.Context, tenant: TenantOption = None) -> None:
     """List the tenant's CA certificates."""
-    state, client, tenant_id = _in_tenant(context, tenant)
-    with client:
-        items = client.get_list(f"/v1/tenants/{tenant_id}/ca/certificates", schemas.CaCertificatePublic)
-    show_list(items, ["kind", "active", "not_after", "id"], title="CA certificates", as_json=state.as_json)
+    _list_in_tenant(
+        context,
+        tenant,
+        "/ca/certificates",
+        schemas.CaCertificatePublic,
+        ["kind", "active", "not_after", "id"],
+        "CA certificates",
+    )
 
 
 @ca_app.command("download-proof")
@@ -733,13 +747,16 @@ def reference_list(
     tenant: TenantOption = None,
 ) -> None:
     """List reference values."""
-    state, client, tenant_id = _in_tenant(context, tenant)
     params: dict[str, str | int] = {"component": component} if component else {}
-    with client:
-        items = client.get_list(
-            f"/v1/tenants/{tenant_id}/reference-values", schemas.ReferenceValueItem, params
-        )
-    show_list(items, ["component", "version", "sha256"], title="Reference values", as_json=state.as_json)
+    _list_in_tenant(
+        context,
+        tenant,
+        "/reference-values",
+        schemas.ReferenceValueItem,
+        ["component", "version", "sha256"],
+        "Reference values",
+        params,
+    )
 
 
 @reference_app.command("remove")
@@ -771,10 +788,14 @@ def floor_set(
 @floor_app.command("list")
 def floor_list(context: typer.Context, tenant: TenantOption = None) -> None:
     """List security floors."""
-    state, client, tenant_id = _in_tenant(context, tenant)
-    with client:
-        items = client.get_list(f"/v1/tenants/{tenant_id}/security-floors", schemas.SecurityFloorPublic)
-    show_list(items, ["component", "minimum_version"], title="Security floors", as_json=state.as_json)
+    _list_in_tenant(
+        context,
+        tenant,
+        "/security-floors",
+        schemas.SecurityFloorPublic,
+        ["component", "minimum_version"],
+        "Security floors",
+    )
 
 
 @event_app.command("platform")
@@ -807,17 +828,17 @@ def event_list(
     tenant: TenantOption = None,
 ) -> None:
     """List the tenant's events, newest first."""
-    state, client, tenant_id = _in_tenant(context, tenant)
     params: dict[str, str | int] = {"limit": limit}
     if device_id:
         params["device_id"] = device_id
     if kind:
         params["kind"] = kind
-    with client:
-        items = client.get_list(f"/v1/tenants/{tenant_id}/events", schemas.EventPublic, params)
-    show_list(
-        items,
+    _list_in_tenant(
+        context,
+        tenant,
+        "/events",
+        schemas.EventPublic,
         ["at", "kind", "code", "severity", "device_id", "actor", "detail"],
-        title="Events",
-        as_json=state.as_json,
+        "Events",
+        params,
     )
