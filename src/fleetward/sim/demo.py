@@ -236,11 +236,12 @@ def _revoke_and_verify(
             text=True,
             check=False,
         )
-        verdict = "[green]OK[/green]" if result.returncode == 0 else "[red]refused[/red]"
-        detail = (result.stdout + result.stderr).strip().splitlines()
-        console.print(
-            f"openssl verify -crl_check {device.name}: {verdict}  [dim]{detail[-1] if detail else ''}[/dim]"
+        output = result.stdout + result.stderr
+        reasons = [line.partition("lookup:")[2].strip() for line in output.splitlines() if "lookup:" in line]
+        verdict = (
+            "[green]OK[/green]" if result.returncode == 0 else f"[red]refused: {', '.join(reasons)}[/red]"
         )
+        console.print(f"openssl verify -crl_check {device.name}'s certificate: {verdict}")
     console.print()
 
 
