@@ -10,6 +10,7 @@ from fleetward.clock import Clock, SystemClock
 from fleetward.config import Settings
 from fleetward.registry.service import RegistryService
 from fleetward.store.database import Database
+from fleetward.store.trust import TrustBell
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class Services:
     settings: Settings
     clock: Clock
     database: Database
+    trust_bell: TrustBell
     registry: RegistryService
     authority: AuthorityService
 
@@ -45,10 +47,14 @@ def build_services(
     database = Database(settings.resolved_database_url)
     if migrate:
         database.upgrade()
+    trust_bell = TrustBell()
     return Services(
         settings=settings,
         clock=clock,
         database=database,
-        registry=RegistryService(database, clock, settings.limits),
-        authority=AuthorityService(database, keystore, clock, settings.limits, settings.resolved_public_url),
+        trust_bell=trust_bell,
+        registry=RegistryService(database, clock, settings.limits, trust_bell),
+        authority=AuthorityService(
+            database, keystore, clock, settings.limits, settings.resolved_public_url, trust_bell
+        ),
     )

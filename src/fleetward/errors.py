@@ -11,7 +11,9 @@ Every error fleetward raises on purpose is a :class:`FleetwardError` and carries
     │   └── PayloadTooLarge          ... or more of it than the limit allows (HTTP 413)
     ├── SecurityRefusal              the peer sent data that is unsafe to accept: never retried, always
     │   │                            recorded as a security event (HTTP 403)
-    │   └── AttestationRefused       evidence, nonce or CSR failed verification
+    │   ├── AttestationRefused       evidence, nonce or CSR failed verification
+    │   ├── ProtocolViolation        a device broke the MQTT protocol (the hub closes the connection)
+    │   └── AccessRefused            a device reached for what it may not (a topic, a session)
     ├── AccessDenied
     │   ├── Unauthenticated          no credentials, or credentials that are not valid (HTTP 401)
     │   └── PermissionDenied         valid credentials without the right role or scope (HTTP 403)
@@ -64,6 +66,18 @@ class AttestationRefused(SecurityRefusal):
     """Attestation evidence, its nonce or its CSR failed verification; no certificate is issued."""
 
     default_code = "attestation_refused"
+
+
+class ProtocolViolation(SecurityRefusal):
+    """A device sent bytes that are not MQTT, or MQTT it may not send; the hub closes the connection."""
+
+    default_code = "protocol_violation"
+
+
+class AccessRefused(SecurityRefusal):
+    """A device reached for a topic, a session or an identity that is not its own."""
+
+    default_code = "access_refused"
 
 
 class AccessDenied(FleetwardError):

@@ -12,7 +12,7 @@ import functools
 import os
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -41,6 +41,7 @@ from fleetward.registry.access import Principal
 from fleetward.registry.models import DeviceStatus, Scope
 from fleetward.registry.service import device_in
 from fleetward.store import events as event_log
+from fleetward.store import trust
 from fleetward.store.database import Database
 from fleetward.store.events import Event, Severity
 from fleetward.store.parallel import ParallelMap
@@ -52,6 +53,7 @@ from fleetward.store.schema import (
     reference_values,
     security_floors,
 )
+from fleetward.store.trust import TrustBell, TrustChange, TrustKind
 from fleetward.wire.evidence import EnrollmentRequest, EnrollmentResponse, Measurement
 from fleetward.wire.identity import check_device_id, load_public_key
 from fleetward.wire.versions import check_version
@@ -154,6 +156,7 @@ class AuthorityService:
         clock: Clock,
         limits: Limits,
         public_url: str,
+        trust_bell: TrustBell | None = None,
     ) -> None:
         self._db = database
         self._keys = keystore
@@ -168,8 +171,8 @@ class AuthorityService:
         # A device id is the hash of its key, so a parsed key never goes stale.
         self._identity_key = functools.lru_cache(maxsize=65536)(load_public_key)
         self._lock = threading.Lock()
-        #: Called with (tenant_id, device_id) after a device is revoked; the hub ends its session.
-        self.on_device_revoked: list[Callable[[str, str], None]] = []
+        #: Rung after a revocation commits: the hub ends the sessions it no longer trusts.
+        self.trust_bell = trust_bell or TrustBell()
 
     # ---------------------------------------------------------------- hierarchy
 
@@ -443,9 +446,11 @@ class AuthorityService:
         }
         checked: list[_Draft | Refusal] = []
         for draft in drafts:
-            if isinstance(draft, _Draft) and current.get(draft.device_id) != (
-                draft.answer.tenant_id,
-                DeviceStatus.ACTIVE.value,
+            standing = current.get(draft.device_id)
+            if isinstance(draft, _Draft) and (
+                standing is None
+                or standing[0] != draft.answer.tenant_id
+                or standing[1] == DeviceStatus.REVOKED.value
             ):
                 fallen = AttestationRefused("the device is revoked", code="device_revoked")
                 checked.append(Refusal(fallen, draft.device_id))
@@ -656,6 +661,7 @@ class AuthorityService:
                 reason,
                 now,
             )
+            trust.record(connection, [TrustChange(tenant_id, device.id, TrustKind.DEVICE_REVOKED, now)])
             event_log.record(
                 connection,
                 [
@@ -671,8 +677,7 @@ class AuthorityService:
                     )
                 ],
             )
-        for callback in self.on_device_revoked:
-            callback(tenant_id, device.id)
+        self.trust_bell.ring()
         return count
 
     def revoke_certificate(
@@ -705,7 +710,9 @@ class AuthorityService:
                     )
                 ],
             )
-            return self._certificate_in(connection, tenant_id, serial)
+            revoked = self._certificate_in(connection, tenant_id, serial)
+        self.trust_bell.ring()
+        return revoked
 
     def _revoke_certificates(
         self,
@@ -716,16 +723,22 @@ class AuthorityService:
         now: dt.datetime,
     ) -> int:
         where = sa.and_(certificates.c.tenant_id == tenant_id, certificates.c.revoked_at.is_(None), condition)
-        issuers = {
-            row.issuer_id
-            for row in connection.execute(sa.select(certificates.c.issuer_id).where(where).distinct())
-        }
-        result = connection.execute(
+        revoked = connection.execute(
+            sa.select(certificates.c.serial, certificates.c.device_id, certificates.c.issuer_id).where(where)
+        ).all()
+        connection.execute(
             certificates.update().where(where).values(revoked_at=now, revocation_reason=reason.value)
         )
-        for issuer_id in issuers:
+        for issuer_id in {row.issuer_id for row in revoked}:
             self._regenerate_crl(connection, tenant_id, issuer_id, now)
-        return int(result.rowcount)
+        trust.record(
+            connection,
+            [
+                TrustChange(tenant_id, row.device_id, TrustKind.CERTIFICATE_REVOKED, now, serial=row.serial)
+                for row in revoked
+            ],
+        )
+        return len(revoked)
 
     def _regenerate_crl(self, connection: Connection, tenant_id: str, ca_id: str, now: dt.datetime) -> bytes:
         row = connection.execute(

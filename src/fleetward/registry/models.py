@@ -42,6 +42,7 @@ class OsFeed(StrEnum):
 class DeviceStatus(StrEnum):
     ACTIVE = "active"
     REVOKED = "revoked"
+    QUARANTINED = "quarantined"
 
 
 @dataclass(frozen=True)

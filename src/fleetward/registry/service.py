@@ -42,6 +42,7 @@ from fleetward.registry.models import (
     UpdatePolicy,
 )
 from fleetward.store import events as event_log
+from fleetward.store import trust
 from fleetward.store.database import Database
 from fleetward.store.events import Event, Severity
 from fleetward.store.schema import (
@@ -53,6 +54,7 @@ from fleetward.store.schema import (
     role_assignments,
     tenants,
 )
+from fleetward.store.trust import TrustBell, TrustChange, TrustKind
 from fleetward.wire.identity import check_device_id, device_id_for, load_public_key
 from fleetward.wire.identity import public_key_der as spki_der
 
@@ -71,10 +73,13 @@ def _secret_sha256(secret: str) -> str:
 class RegistryService:
     """Tenants, operators, roles, tokens, products, device groups and devices."""
 
-    def __init__(self, database: Database, clock: Clock, limits: Limits) -> None:
+    def __init__(
+        self, database: Database, clock: Clock, limits: Limits, trust_bell: TrustBell | None = None
+    ) -> None:
         self._db = database
         self._clock = clock
         self._limits = limits
+        self._trust_bell = trust_bell or TrustBell()
 
     # ---------------------------------------------------------------- validation
 
@@ -914,6 +919,59 @@ class RegistryService:
                 ],
             )
             return device_in(connection, tenant_id, device.id)
+
+    def quarantine_device(self, principal: Principal, tenant_id: str, device_id: str, reason: str) -> Device:
+        """Narrow a device to its twin: its session ends now and comes back with only the twin.
+
+        Its certificates stay valid, so that it can still be remediated and released.
+        """
+        return self._set_quarantine(principal, tenant_id, device_id, quarantined=True, reason=reason)
+
+    def release_device(self, principal: Principal, tenant_id: str, device_id: str) -> Device:
+        """End a quarantine: the device's next session has its full topics again."""
+        return self._set_quarantine(principal, tenant_id, device_id, quarantined=False, reason="released")
+
+    def _set_quarantine(
+        self, principal: Principal, tenant_id: str, device_id: str, *, quarantined: bool, reason: str
+    ) -> Device:
+        principal.require(tenant_id, Scope.WRITE)
+        reason = self._description(reason.strip()) or "no reason given"
+        now = self._clock.now()
+        wanted, kind = (
+            (DeviceStatus.QUARANTINED, TrustKind.QUARANTINED)
+            if quarantined
+            else (DeviceStatus.ACTIVE, TrustKind.RELEASED)
+        )
+        with self._db.write() as connection:
+            device = device_in(connection, tenant_id, device_id)
+            if device.status is DeviceStatus.REVOKED:
+                raise Conflict("the device is revoked", code="device_revoked")
+            if device.status is wanted:
+                raise Conflict(f"the device is already {wanted.value}", code=f"already_{wanted.value}")
+            connection.execute(
+                devices.update()
+                .where(devices.c.id == device.id, devices.c.tenant_id == tenant_id)
+                .values(status=wanted.value)
+            )
+            trust.record(connection, [TrustChange(tenant_id, device.id, kind, now)])
+            event_log.record(
+                connection,
+                [
+                    Event(
+                        at=now,
+                        kind="quarantine",
+                        code=kind.value,
+                        detail=f"device {kind.value}: {reason}",
+                        severity=Severity.WARNING if quarantined else Severity.INFO,
+                        tenant_id=tenant_id,
+                        device_id=device.id,
+                        actor=principal.email,
+                    )
+                ],
+            )
+            changed = device_in(connection, tenant_id, device.id)
+        self._trust_bell.ring()
+        return changed
 
     def list_platform_events(
         self, principal: Principal, *, device_id: str | None = None, kind: str | None = None, limit: int = 100

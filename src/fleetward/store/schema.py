@@ -220,3 +220,59 @@ events = Table(
     Index("ix_events_tenant_at", "tenant_id", "at"),
     Index("ix_events_device_at", "device_id", "at"),
 )
+
+
+# ---------------------------------------------------------------------- hub (migration 0002)
+
+trust_changes = Table(
+    "trust_changes",
+    metadata,
+    # An append-only feed: every hub process follows it to end the sessions trust no longer covers.
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("tenant_id", String(ID), nullable=False),
+    Column("device_id", String(DEVICE_ID), nullable=False),
+    Column("serial", String(40), nullable=True),
+    Column("kind", String(32), nullable=False),
+    Column("at", UtcDateTime, nullable=False),
+)
+
+telemetry = Table(
+    "telemetry",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("tenant_id", String(ID), nullable=False),
+    Column("device_id", String(DEVICE_ID), nullable=False),
+    Column("received_at", UtcDateTime, nullable=False),
+    Column("properties", Text, nullable=False),  # JSON list of [key, value] pairs, in order
+    Column("body", LargeBinary, nullable=False),
+    Index("ix_telemetry_tenant_device_id", "tenant_id", "device_id", "id"),
+    Index("ix_telemetry_tenant_received", "tenant_id", "received_at"),
+)
+
+twins = Table(
+    "twins",
+    metadata,
+    Column("device_id", String(DEVICE_ID), ForeignKey("devices.id"), primary_key=True),
+    Column("tenant_id", String(ID), nullable=False),
+    Column("desired", Text, nullable=False),
+    Column("desired_version", Integer, nullable=False),
+    Column("reported", Text, nullable=False),
+    Column("reported_version", Integer, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+cloud_to_device = Table(
+    "cloud_to_device",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("tenant_id", String(ID), nullable=False),
+    Column("device_id", String(DEVICE_ID), ForeignKey("devices.id"), nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("properties", Text, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("expires_at", UtcDateTime, nullable=False),
+    Column("state", String(16), nullable=False),  # pending | completed | expired
+    Column("delivery_count", Integer, nullable=False),
+    Column("completed_at", UtcDateTime, nullable=True),
+    Index("ix_cloud_to_device_device_state", "device_id", "state", "created_at"),
+)

@@ -10,7 +10,6 @@ import sqlalchemy as sa
 from alembic import op
 
 import fleetward.store.schema
-
 ${imports if imports else ""}
 revision: str = ${repr(up_revision)}
 down_revision: str | None = ${repr(down_revision)}

@@ -1,0 +1,100 @@
+"""Device twins: desired and reported properties, merged by JSON merge patch (RFC 7386). Pure.
+
+As in Azure IoT Hub: each half of the twin is a JSON object with a ``$version`` that grows by one on each
+change; a patch sets keys, and ``null`` removes them; keys are 1 to 128 characters without ``.``, ``$``,
+space or control characters; objects nest at most 10 levels; each half serializes to at most 32 KiB.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Union
+
+from fleetward.errors import InvalidInput, PayloadTooLarge
+
+Json = Union[None, bool, int, float, str, list["Json"], dict[str, "Json"]]  # noqa: UP007 - recursive alias
+JsonObject = dict[str, Json]
+
+MAX_DEPTH = 10
+MAX_KEY_CHARS = 128
+_FORBIDDEN_KEY_CHARACTERS = frozenset(".$ ")
+
+
+@dataclass(frozen=True)
+class TwinHalf:
+    """Desired or reported properties and their version."""
+
+    properties: JsonObject
+    version: int
+
+    def with_version(self) -> JsonObject:
+        """The wire form: the properties with ``$version`` among them."""
+        return {**self.properties, "$version": self.version}
+
+
+@dataclass(frozen=True)
+class Twin:
+    desired: TwinHalf
+    reported: TwinHalf
+
+    def document(self) -> JsonObject:
+        """What ``$iothub/twin/GET`` answers."""
+        return {"desired": self.desired.with_version(), "reported": self.reported.with_version()}
+
+
+EMPTY_TWIN = Twin(TwinHalf({}, 1), TwinHalf({}, 1))
+
+
+def parse_patch(body: bytes, max_bytes: int) -> JsonObject:
+    """A patch from a device or an operator: a JSON object, bounded, with valid keys."""
+    if len(body) > max_bytes:
+        raise PayloadTooLarge(f"a twin patch holds at most {max_bytes} bytes", code="twin_too_large")
+    try:
+        patch = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInput("a twin patch is a JSON object", code="twin_patch_malformed") from None
+    if not isinstance(patch, dict):
+        raise InvalidInput("a twin patch is a JSON object", code="twin_patch_malformed")
+    patch.pop("$version", None)  # the version is the hub's to keep
+    _check_object(patch, 1)
+    return patch
+
+
+def _check_object(value: JsonObject, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise InvalidInput(f"twin properties nest at most {MAX_DEPTH} levels", code="twin_too_deep")
+    for key, item in value.items():
+        if not key or len(key) > MAX_KEY_CHARS:
+            raise InvalidInput(f"a twin key is 1 to {MAX_KEY_CHARS} characters", code="twin_bad_key")
+        if _FORBIDDEN_KEY_CHARACTERS & set(key) or not key.isprintable():
+            raise InvalidInput(
+                f"twin key {key[:32]!r} holds '.', '$', a space or a control character", code="twin_bad_key"
+            )
+        if isinstance(item, dict):
+            _check_object(item, depth + 1)
+
+
+def merge(properties: JsonObject, patch: JsonObject) -> JsonObject:
+    """RFC 7386: ``patch`` applied to ``properties``; ``None`` removes a key. Neither input changes."""
+    merged = dict(properties)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict):
+            current = merged.get(key)
+            merged[key] = merge(current if isinstance(current, dict) else {}, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def apply(half: TwinHalf, patch: JsonObject, max_bytes: int) -> TwinHalf:
+    """The next version of ``half`` with ``patch`` merged in, refused if it would pass ``max_bytes``."""
+    properties = merge(half.properties, patch)
+    size = len(json.dumps(properties, separators=(",", ":")).encode())
+    if size > max_bytes:
+        raise PayloadTooLarge(
+            f"the twin's properties would hold {size} bytes; the bound is {max_bytes}", code="twin_too_large"
+        )
+    return TwinHalf(properties, half.version + 1)
