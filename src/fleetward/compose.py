@@ -8,6 +8,7 @@ from fleetward.authority.keystore import KeyStore, MasterKeyStore, load_master_k
 from fleetward.authority.service import AuthorityService
 from fleetward.clock import Clock, SystemClock
 from fleetward.config import Settings
+from fleetward.hub.store import HubStore
 from fleetward.registry.service import RegistryService
 from fleetward.store.database import Database
 from fleetward.store.trust import TrustBell
@@ -21,6 +22,7 @@ class Services:
     trust_bell: TrustBell
     registry: RegistryService
     authority: AuthorityService
+    hub_store: HubStore
 
     def close(self) -> None:
         self.authority.close()
@@ -57,4 +59,5 @@ def build_services(
         authority=AuthorityService(
             database, keystore, clock, settings.limits, settings.resolved_public_url, trust_bell
         ),
+        hub_store=HubStore(database, clock, settings.limits),
     )

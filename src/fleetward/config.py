@@ -35,6 +35,30 @@ class Limits:
     token_max_validity_days: int = 365
     enrollment_batch_max: int = 256
     enrollment_queue_max: int = 4096
+    # the hub
+    mqtt_max_packet_bytes: int = 256 * 1024 + 2048
+    hub_max_connections: int = 20_000
+    hub_connect_timeout_seconds: int = 10
+    hub_packet_timeout_seconds: int = 30
+    hub_max_keep_alive_seconds: int = 1740
+    hub_inflight_inbound: int = 64
+    hub_inflight_outbound: int = 16
+    hub_messages_per_second: int = 100
+    hub_message_burst: int = 200
+    hub_bytes_per_second: int = 1024 * 1024
+    hub_security_events_per_minute: int = 10
+    hub_trust_poll_milliseconds: int = 500
+    telemetry_batch_max: int = 2048
+    telemetry_queue_max: int = 16_384
+    telemetry_stream_buffer: int = 1000
+    twin_max_bytes: int = 32 * 1024
+    method_max_payload_bytes: int = 128 * 1024
+    method_default_timeout_seconds: int = 30
+    method_max_timeout_seconds: int = 300
+    cloud_to_device_max_pending: int = 50
+    cloud_to_device_max_bytes: int = 64 * 1024
+    cloud_to_device_default_ttl_seconds: int = 3600
+    cloud_to_device_max_ttl_seconds: int = 48 * 3600
 
     def __post_init__(self) -> None:
         for item in fields(self):
@@ -61,6 +85,8 @@ class Settings:
     public_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8443
+    #: the hub's MQTT-over-TLS port; 0 turns the hub off
+    hub_port: int = 8883
     tls_certificate: Path | None = None
     tls_private_key: Path | None = None
     #: base64 master key shared by several nodes; otherwise the key file in ``data_dir`` is used.
@@ -91,6 +117,7 @@ class Settings:
             "FLEETWARD_DATA_DIR": str(self.data_dir),
             "FLEETWARD_HOST": self.host,
             "FLEETWARD_PORT": str(self.port),
+            "FLEETWARD_HUB_PORT": str(self.hub_port),
         }
         optional = {
             "FLEETWARD_DATABASE_URL": self.database_url,
@@ -137,6 +164,11 @@ class Settings:
                 from_env[name] = Path(env[f"FLEETWARD_{name.upper()}"])
         if "FLEETWARD_HOST" in env:
             from_env["host"] = env["FLEETWARD_HOST"]
+        if "FLEETWARD_HUB_PORT" in env:
+            try:
+                from_env["hub_port"] = int(env["FLEETWARD_HUB_PORT"])
+            except ValueError:
+                raise ConfigurationError("FLEETWARD_HUB_PORT must be an integer") from None
         if "FLEETWARD_PORT" in env:
             try:
                 from_env["port"] = int(env["FLEETWARD_PORT"])

@@ -21,7 +21,8 @@ Every error fleetward raises on purpose is a :class:`FleetwardError` and carries
     ├── Conflict                     the request contradicts the current state (HTTP 409)
     ├── ConfigurationError           fleetward was started with settings it cannot run with
     └── TransportError               the network or the server failed: safe to retry later
-        └── ServerError              the server answered with an error that is not the caller's fault
+        ├── ServerError              the server answered with an error that is not the caller's fault
+        └── DeviceTimeout            a device did not answer in time (HTTP 504)
 
 Third-party exceptions (SQLAlchemy, httpx, cryptography) are translated at the boundary of the module that
 uses the library; none of them escapes into the rest of fleetward.
@@ -126,3 +127,9 @@ class ServerError(TransportError):
     """The server answered with an error that is not the caller's fault."""
 
     default_code = "server_error"
+
+
+class DeviceTimeout(TransportError):
+    """A device did not answer in time (a direct method, for instance)."""
+
+    default_code = "device_timeout"

@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 import fleetward
-from fleetward.api import errors, routes_attestation, routes_authority, routes_registry
+from fleetward.api import errors, routes_attestation, routes_authority, routes_hub, routes_registry
 from fleetward.api.device_lane import DeviceLane
 from fleetward.api.limits import BodyLimit
 from fleetward.authority.service import EnrollmentWork
 from fleetward.compose import Services
 from fleetward.config import Limits
 from fleetward.errors import FleetwardError
+from fleetward.hub.server import Hub, server_tls_context
 from fleetward.store.batching import Batcher
 from fleetward.wire.evidence import EnrollmentResponse
 
@@ -34,6 +35,23 @@ async def _purge_nonces(services: Services) -> None:
             logger.warning("could not purge expired nonces: %s", error)
         else:
             logger.debug("purged %d expired nonces", purged)
+
+
+async def _start_hub(services: Services) -> Hub | None:
+    """The hub, if it has a port and TLS to serve with (it only speaks mutual TLS)."""
+    settings = services.settings
+    if not settings.hub_port:
+        return None
+    if settings.tls_certificate is None or settings.tls_private_key is None:
+        logger.warning("the hub is off: it needs a TLS certificate and key (fleetward init makes them)")
+        return None
+    context = server_tls_context(str(settings.tls_certificate), str(settings.tls_private_key))
+    hub = Hub(
+        services.hub_store, services.database, services.clock, settings.limits, context, services.trust_bell
+    )
+    await hub.start(settings.host, settings.hub_port)
+    logger.info("hub listening for devices on %s:%d (MQTT over mutual TLS)", settings.host, hub.port)
+    return hub
 
 
 def create_app(services: Services | None, *, limits: Limits | None = None) -> FastAPI:
@@ -56,6 +74,7 @@ def create_app(services: Services | None, *, limits: Limits | None = None) -> Fa
         )
         async with batcher:
             app.state.enrollments = batcher
+            app.state.hub = await _start_hub(services)
             purger = asyncio.create_task(_purge_nonces(services))
             try:
                 yield
@@ -63,6 +82,8 @@ def create_app(services: Services | None, *, limits: Limits | None = None) -> Fa
                 purger.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await purger
+                if app.state.hub is not None:
+                    await app.state.hub.stop()
 
     app = FastAPI(
         title="fleetward",
@@ -84,6 +105,7 @@ def create_app(services: Services | None, *, limits: Limits | None = None) -> Fa
     app.include_router(routes_attestation.router)
     app.include_router(routes_registry.router)
     app.include_router(routes_authority.router)
+    app.include_router(routes_hub.router)
 
     @app.get("/healthz", tags=["service"])
     def healthz() -> dict[str, str]:

@@ -14,6 +14,7 @@ from fleetward.errors import (
     AccessDenied,
     ConfigurationError,
     Conflict,
+    DeviceTimeout,
     FleetwardError,
     InvalidInput,
     NotFound,
@@ -35,6 +36,7 @@ _STATUS: tuple[tuple[type[FleetwardError], int], ...] = (
     (NotFound, 404),
     (Conflict, 409),
     (ServerError, 500),
+    (DeviceTimeout, 504),
     (TransportError, 503),
     (ConfigurationError, 500),
 )

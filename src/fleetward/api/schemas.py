@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -279,3 +279,73 @@ class EventPublic(Public):
     device_id: str | None
     actor: str | None
     detail: str
+
+
+# ------------------------------------------------------------------ hub
+
+
+class Quarantine(Strict):
+    reason: Annotated[str, StringConstraints(max_length=1024)] = ""
+
+
+class ConnectionPublic(BaseModel):
+    device_id: str
+    connected: bool
+
+
+class TwinPublic(BaseModel):
+    device_id: str
+    desired: dict[str, Any] = Field(description="desired properties, with $version")
+    reported: dict[str, Any] = Field(description="reported properties, with $version")
+
+
+class DesiredPatched(BaseModel):
+    device_id: str
+    version: int
+    pushed: bool = Field(description="whether the patch reached a connected device at once")
+
+
+class MethodInvoke(Strict):
+    payload: Any = Field(
+        default=None, description="any JSON value, sent to the device as the method's payload"
+    )
+    timeout_seconds: int | None = Field(default=None, ge=1, le=300, description="default 30")
+
+
+class MethodResultPublic(BaseModel):
+    status: int = Field(description="the status the device answered with")
+    payload: Any = Field(description="the device's payload: JSON if it is JSON, else text")
+
+
+class CloudToDeviceCreate(Strict):
+    body: Annotated[str, StringConstraints(max_length=96 * 1024)] = Field(
+        description="text, or base64 with body_base64"
+    )
+    body_base64: bool = False
+    properties: dict[
+        Annotated[str, StringConstraints(min_length=1, max_length=128)],
+        Annotated[str, StringConstraints(max_length=1024)],
+    ] = Field(default_factory=dict, max_length=64)
+    ttl_seconds: int | None = Field(default=None, ge=1, le=48 * 3600)
+
+
+class CloudToDevicePublic(BaseModel):
+    id: str
+    device_id: str
+    state: str
+    properties: dict[str, str]
+    body: str | None = Field(description="the body as text, if it is UTF-8")
+    body_base64: str
+    created_at: dt.datetime
+    expires_at: dt.datetime
+    delivery_count: int
+    completed_at: dt.datetime | None
+
+
+class TelemetryPublic(BaseModel):
+    id: int
+    device_id: str
+    received_at: dt.datetime
+    properties: dict[str, str]
+    body: str | None = Field(description="the body as text, if it is UTF-8")
+    body_base64: str

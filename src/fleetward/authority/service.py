@@ -184,6 +184,7 @@ class AuthorityService:
         """Create the tenant's root and issuing CA unless they exist."""
         with self._db.write() as connection:
             self._issuer(connection, tenant_id)
+        self.trust_bell.ring()  # the hub trusts the new CA at once
 
     def _issuer(self, connection: Connection, tenant_id: str) -> _TenantIssuer:
         """The tenant's issuing CA, created with its root if the tenant has none yet."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import parse_qsl, quote, urlencode
 
-from fleetward.errors import AccessRefused
+from fleetward.errors import AccessRefused, InvalidInput
 
 MAX_PROPERTIES = 64
 MAX_PROPERTY_KEY_CHARS = 128
@@ -90,6 +90,17 @@ def parse_properties(bag: str) -> tuple[tuple[str, str], ...]:
         if not key or len(key) > MAX_PROPERTY_KEY_CHARS or len(value) > MAX_PROPERTY_VALUE_CHARS:
             raise _refused("a property key or value is empty or too long", "bad_properties")
     return tuple(pairs)
+
+
+def check_application_properties(properties: tuple[tuple[str, str], ...]) -> None:
+    """Properties the cloud sets on a message: bounded like a device's, and none in the ``$`` system space."""
+    if len(properties) > MAX_PROPERTIES:
+        raise InvalidInput(f"a message has at most {MAX_PROPERTIES} properties", code="bad_properties")
+    for key, value in properties:
+        if not key or len(key) > MAX_PROPERTY_KEY_CHARS or len(value) > MAX_PROPERTY_VALUE_CHARS:
+            raise InvalidInput("a property key or value is empty or too long", code="bad_properties")
+        if key.startswith("$"):
+            raise InvalidInput("application properties may not start with '$'", code="bad_properties")
 
 
 def _query(suffix: str) -> dict[str, str]:
