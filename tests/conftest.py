@@ -6,13 +6,18 @@ no server answers, and fail instead when ``FLEETWARD_REQUIRE_SERVICES=1`` (CI).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import secrets
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import aiomqtt
+import httpx
 import pytest
 import sqlalchemy as sa
 
@@ -23,8 +28,10 @@ from fleetward.clock import FakeClock
 from fleetward.compose import Services, build_services
 from fleetward.config import Limits, Settings
 from fleetward.server import BackgroundServer, free_port
+from fleetward.service_tls import ServiceTls, ensure_service_tls
 from fleetward.sim.fleet import SimulatedDevice, image_digest, measurement
 from fleetward.store.schema import metadata
+from fleetward.transport import trust
 from fleetward.wire.evidence import Measurement
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -98,17 +105,28 @@ def limits() -> Limits:
     return Limits()
 
 
-@pytest.fixture
-def services(database_url: str, tmp_path: Path, clock: FakeClock, limits: Limits) -> Iterator[Services]:
+def make_services(
+    database_url: str, data_dir: Path, clock: FakeClock, limits: Limits, *, tls: ServiceTls | None = None
+) -> Services:
+    """Services on ``database_url``; with ``tls``, the API speaks HTTPS and the hub listens (mutual TLS)."""
     port = free_port()
     settings = Settings(
-        data_dir=tmp_path,
+        data_dir=data_dir,
         database_url=database_url,
         port=port,
-        public_url=f"http://127.0.0.1:{port}",
+        public_url=f"{'https' if tls else 'http'}://127.0.0.1:{port}",
         limits=limits,
+        hub_port=free_port() if tls else 0,
+        tls_certificate=tls.certificate_file if tls else None,
+        tls_private_key=tls.private_key_file if tls else None,
     )
-    built = build_services(settings, clock=clock, keystore=MasterKeyStore(secrets.token_bytes(32)))
+    return build_services(settings, clock=clock, keystore=MasterKeyStore(secrets.token_bytes(32)))
+
+
+@pytest.fixture
+def services(database_url: str, tmp_path: Path, clock: FakeClock, limits: Limits) -> Iterator[Services]:
+    """Services without TLS and without the hub (the API over plain HTTP on loopback)."""
+    built = make_services(database_url, tmp_path, clock, limits)
     yield built
     built.close()
 
@@ -192,3 +210,87 @@ def tenant(admin: FleetwardClient) -> TenantSetup:
 @pytest.fixture
 def device() -> SimulatedDevice:
     return SimulatedDevice("panel-001", healthy_software())
+
+
+# ------------------------------------------------------------------ the hub: TLS, a server, enrolled devices
+
+
+@pytest.fixture
+def service_tls(tmp_path: Path) -> ServiceTls:
+    return ensure_service_tls(tmp_path / "tls")
+
+
+@pytest.fixture
+def hub_services(
+    database_url: str, tmp_path: Path, clock: FakeClock, limits: Limits, service_tls: ServiceTls
+) -> Iterator[Services]:
+    """Services with TLS: the API over HTTPS, and the hub listening for devices."""
+    built = make_services(database_url, tmp_path, clock, limits, tls=service_tls)
+    yield built
+    built.close()
+
+
+@dataclass
+class HubSetup:
+    """A running server with its hub, a tenant, and the means to enroll devices and connect them."""
+
+    services: Services
+    server: BackgroundServer
+    tls: ServiceTls
+    token: str
+    tenant: TenantSetup
+    directory: Path
+
+    @property
+    def hub_port(self) -> int:
+        return self.services.settings.hub_port
+
+    def enroll(self, device: SimulatedDevice, *, claim: bool = True) -> SimulatedDevice:
+        """Claim (into the Field Test group) and enroll ``device``; its certificate and key go to files."""
+        if claim:
+            self.tenant.claim(device)
+
+        async def run() -> None:
+            async with httpx.AsyncClient(verify=trust(self.tls.ca_file), timeout=30) as http:
+                await device.enroll(self.server.url, http)
+
+        asyncio.run(run())
+        return device
+
+    def device_tls(self, device: SimulatedDevice) -> ssl.SSLContext:
+        """What the device connects to the hub with: trusts the service CA, presents its certificate."""
+        assert device.credential is not None
+        certificate = self.directory / f"{device.device_id[:16]}.pem"
+        key = self.directory / f"{device.device_id[:16]}.key"
+        certificate.write_text(device.credential.issued.certificate)
+        key.write_bytes(device.credential.key_pem())
+        key.chmod(0o600)
+        context = ssl.create_default_context(cafile=str(self.tls.ca_file))
+        context.load_cert_chain(str(certificate), str(key))
+        return context
+
+    def mqtt(self, device: SimulatedDevice, **options: Any) -> aiomqtt.Client:
+        """An MQTT client (paho, through aiomqtt) for ``device``, in the IoT Hub dialect."""
+        return aiomqtt.Client(
+            "127.0.0.1",
+            self.hub_port,
+            identifier=options.pop("identifier", device.device_id),
+            username=options.pop("username", f"127.0.0.1/{device.device_id}/?api-version=2021-04-12"),
+            tls_context=options.pop("tls_context", None) or self.device_tls(device),
+            protocol=aiomqtt.ProtocolVersion.V311,
+            timeout=options.pop("timeout", 10),
+            **options,
+        )
+
+    def hub_events(self, **params: str | int) -> list[schemas.EventPublic]:
+        return [event for event in self.tenant.events(limit=1000, **params) if event.kind == "hub"]
+
+
+@pytest.fixture
+def hub(hub_services: Services, tmp_path: Path, service_tls: ServiceTls) -> Iterator[HubSetup]:
+    _operator, token = hub_services.registry.bootstrap("admin@example.com", "Admin")
+    with (
+        BackgroundServer(hub_services, port=hub_services.settings.port) as server,
+        FleetwardClient(server.url, token, ca_file=service_tls.ca_file) as client,
+    ):
+        yield HubSetup(hub_services, server, service_tls, token, make_tenant(client), tmp_path)
