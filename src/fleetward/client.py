@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
@@ -66,6 +67,20 @@ class FleetwardClient:
         except httpx.HTTPError as error:
             raise network_error(error, self.url) from None
         return check(response)
+
+    def request_json(self, method: str, path: str, body: object) -> bytes:
+        """Send any JSON value (a body that is no schema, such as a twin patch); the answer's bytes."""
+        try:
+            response = self._http.request(method, path, json=body)
+        except httpx.HTTPError as error:
+            raise network_error(error, self.url) from None
+        return check(response).content
+
+    def stream(
+        self, method: str, url: str, params: dict[str, str]
+    ) -> contextlib.AbstractContextManager[httpx.Response]:
+        """A streamed response (server-sent events); the caller checks its status."""
+        return self._http.stream(method, url, params=params, timeout=httpx.Timeout(30.0, read=None))
 
     def get(self, path: str, model: type[Model], params: dict[str, str | int] | None = None) -> Model:
         return model.model_validate_json(self.request("GET", path, params=params).content)

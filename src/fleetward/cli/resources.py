@@ -24,7 +24,7 @@ def me(client: FleetwardClient) -> schemas.Me:
     return client.get("/v1/me", schemas.Me)
 
 
-def _in_tenant(context: typer.Context, tenant: str | None) -> tuple[State, FleetwardClient, str]:
+def in_tenant(context: typer.Context, tenant: str | None) -> tuple[State, FleetwardClient, str]:
     state: State = context.obj
     client = state.client()
     try:
@@ -34,7 +34,7 @@ def _in_tenant(context: typer.Context, tenant: str | None) -> tuple[State, Fleet
         raise
 
 
-def _list_in_tenant(
+def list_in_tenant(
     context: typer.Context,
     tenant: str | None,
     path: str,
@@ -44,17 +44,17 @@ def _list_in_tenant(
     params: dict[str, str | int] | None = None,
 ) -> None:
     """GET a list under the tenant and show it as a table (or JSON)."""
-    state, client, tenant_id = _in_tenant(context, tenant)
+    state, client, tenant_id = in_tenant(context, tenant)
     with client:
         items = client.get_list(f"/v1/tenants/{tenant_id}{path}", model, params)
     show_list(items, columns, title=title, as_json=state.as_json)
 
 
-def _show_in_tenant(
+def show_in_tenant(
     context: typer.Context, tenant: str | None, path: str, model: type[Model], title: str
 ) -> None:
     """GET one thing under the tenant and show it."""
-    state, client, tenant_id = _in_tenant(context, tenant)
+    state, client, tenant_id = in_tenant(context, tenant)
     with client:
         item = client.get(f"/v1/tenants/{tenant_id}{path}", model)
     show_one(item, title=title, as_json=state.as_json)
@@ -70,7 +70,7 @@ tenant_app = _group("tenant", "Tenants: isolated fleets, each with its own CA.")
 role_app = _group("role", "Roles in a tenant: Administrator, Contributor (no deletes), Reader.")
 product_app = _group("product", "Products: what a device is; each comes with five default device groups.")
 group_app = _group("device-group", "Device groups: which devices get which updates, under which policy.")
-device_app = _group("device", "Devices: claim, list, show, move, revoke.")
+device_app = _group("device", "Devices: claim, list, show, move, revoke, quarantine, release, connection.")
 certificate_app = _group("certificate", "Operational certificates issued to devices.")
 reference_app = _group(
     "reference-value", "Reference values: the software devices may run (name, version, SHA-256)."
@@ -240,7 +240,7 @@ def tenant_list(context: typer.Context) -> None:
 @tenant_app.command("show")
 def tenant_show(context: typer.Context, tenant: TenantOption = None) -> None:
     """Show a tenant."""
-    _show_in_tenant(context, tenant, "", schemas.TenantPublic, "Tenant")
+    show_in_tenant(context, tenant, "", schemas.TenantPublic, "Tenant")
 
 
 @tenant_app.command("use")
@@ -261,7 +261,7 @@ def role_add(
     tenant: TenantOption = None,
 ) -> None:
     """Give an operator a role in the tenant (or change it)."""
-    state, client, tenant_id = _in_tenant(context, tenant)
+    state, client, tenant_id = in_tenant(context, tenant)
     with client:
         item = client.put(
             f"/v1/tenants/{tenant_id}/roles", schemas.RoleAssign(email=email, role=role), schemas.RolePublic
@@ -272,13 +272,13 @@ def role_add(
 @role_app.command("list")
 def role_list(context: typer.Context, tenant: TenantOption = None) -> None:
     """List who holds which role in the tenant."""
-    _list_in_tenant(context, tenant, "/roles", schemas.RolePublic, ["email", "role", "created_at"], "Roles")
+    list_in_tenant(context, tenant, "/roles", schemas.RolePublic, ["email", "role", "created_at"], "Roles")
 
 
 @role_app.command("remove")
 def role_remove(context: typer.Context, email: str, tenant: TenantOption = None) -> None:
     """Take an operator's role in the tenant away (a tenant keeps one Administrator)."""
-    _state, client, tenant_id = _in_tenant(context, tenant)
+    _state, client, tenant_id = in_tenant(context, tenant)
     with client:
         client.delete(f"/v1/tenants/{tenant_id}/roles/{email}")
     console.print(f"{email} holds no role in the tenant any more")
@@ -295,7 +295,7 @@ def product_create(
     tenant: TenantOption = None,
 ) -> None:
     """Create a product and its default device groups."""
-    state, client, tenant_id = _in_tenant(context, tenant)
+    state, client, tenant_id = in_tenant(context, tenant)
     with client:
         created = client.post(
             f"/v1/tenants/{tenant_id}/products",
@@ -317,7 +317,7 @@ def product_create(
 @product_app.command("list")
 def product_list(context: typer.Context, tenant: TenantOption = None) -> None:
     """List products."""
-    _list_in_tenant(
+    list_in_tenant(
         context, tenant, "/products", schemas.ProductPublic, ["name", "description", "id"], "Products"
     )
 
@@ -325,7 +325,7 @@ def product_list(context: typer.Context, tenant: TenantOption = None) -> None:
 @product_app.command("show")
 def product_show(context: typer.Context, product: str, tenant: TenantOption = None) -> None:
     """Show a product (by id or name)."""
-    _show_in_tenant(context, tenant, f"/products/{product}", schemas.ProductPublic, "Product")
+    show_in_tenant(context, tenant, f"/products/{product}", schemas.ProductPublic, "Product")
 
 
 @product_app.command("update")
@@ -336,7 +336,7 @@ def product_update(
     tenant: TenantOption = None,
 ) -> None:
     """Change a product's description."""
-    state, client, tenant_id = _in_tenant(context, tenant)
+    state, client, tenant_id = in_tenant(context, tenant)
     with client:
         item = client.patch(
             f"/v1/tenants/{tenant_id}/products/{product}",
@@ -349,7 +349,7 @@ def product_update(
 @product_app.command("delete")
 def product_delete(context: typer.Context, product: str, tenant: TenantOption = None) -> None:
     """Delete a product and its groups (refused while devices belong to it)."""
-    _state, client, tenant_id = _in_tenant(context, tenant)
+    _state, client, tenant_id = in_tenant(context, tenant)
     with client:
         client.delete(f"/v1/tenants/{tenant_id}/products/{product}")
     console.print(f"product {product} deleted")
@@ -367,7 +367,7 @@ def group_create(
     tenant: TenantOption = None,
 ) -> None:
     """Create a device group in a product."""
-    state, client, tenant_id = _in_tenant(context, tenant)
+    state, client, tenant_id = in_tenant(context, tenant)
     body = schemas.DeviceGroupCreate(
         product=product,
         name=name,
@@ -389,7 +389,7 @@ def group_list(
 ) -> None:
     """List device groups."""
     params: dict[str, str | int] = {"product": product} if product else {}
-    _list_in_tenant(
+    list_in_tenant(
         context,
         tenant,
         "/device-groups",
@@ -403,7 +403,7 @@ def group_list(
 @group_app.command("show")
 def group_show(context: typer.Context, group_id: str, tenant: TenantOption = None) -> None:
     """Show a device group."""
-    _show_in_tenant(context, tenant, f"/device-groups/{group_id}", schemas.DeviceGroupPublic, "Device group")
+    show_in_tenant(context, tenant, f"/device-groups/{group_id}", schemas.DeviceGroupPublic, "Device group")
 
 
 @group_app.command("update")
@@ -418,7 +418,7 @@ def group_update(
     tenant: TenantOption = None,
 ) -> None:
     """Change a device group's name, description, update policy, OS feed or crash-dump setting."""
-    state, client, tenant_id = _in_tenant(context, tenant)
+    state, client, tenant_id = in_tenant(context, tenant)
     body = schemas.DeviceGroupUpdate(
         name=name,
         description=description,
@@ -436,7 +436,7 @@ def group_update(
 @group_app.command("delete")
 def group_delete(context: typer.Context, group_id: str, tenant: TenantOption = None) -> None:
     """Delete a device group (refused while devices are in it)."""
-    _state, client, tenant_id = _in_tenant(context, tenant)
+    _state, client, tenant_id = in_tenant(context, tenant)
     with client:
         client.delete(f"/v1/tenants/{tenant_id}/device-groups/{group_id}")
     console.print(f"device group {group_id} deleted")
@@ -487,7 +487,7 @@ def device_claim(
         items = [schemas.DeviceClaimItem(device_id=device_id, public_key=public_key.read_text())]
     else:
         fail("give a DEVICE_ID with --public-key, or --from-file")
-    state, client, tenant_id = _in_tenant(context, tenant)
+    state, client, tenant_id = in_tenant(context, tenant)
     results: list[schemas.ClaimResultPublic] = []
     with client, _progress() as progress:
         task = progress.add_task("claiming", total=len(items))
@@ -534,7 +534,7 @@ def device_list(
         params["product"] = product
     if status:
         params["status"] = status.value
-    _list_in_tenant(
+    list_in_tenant(
         context,
         tenant,
         "/devices",
@@ -548,7 +548,7 @@ def device_list(
 @device_app.command("show")
 def device_show(context: typer.Context, device_id: str, tenant: TenantOption = None) -> None:
     """Show a device and its latest certificates."""
-    state, client, tenant_id = _in_tenant(context, tenant)
+    state, client, tenant_id = in_tenant(context, tenant)
     with client:
         device = client.get(f"/v1/tenants/{tenant_id}/devices/{device_id}", schemas.DevicePublic)
         certificates = client.get_list(
@@ -583,7 +583,7 @@ def device_update(
     tenant: TenantOption = None,
 ) -> None:
     """Move a device to another device group."""
-    state, client, tenant_id = _in_tenant(context, tenant)
+    state, client, tenant_id = in_tenant(context, tenant)
     with client:
         item = client.patch(
             f"/v1/tenants/{tenant_id}/devices/{device_id}",
@@ -601,7 +601,7 @@ def device_revoke(
     tenant: TenantOption = None,
 ) -> None:
     """Revoke a device: no new certificate, and those it holds go on the CRL."""
-    state, client, tenant_id = _in_tenant(context, tenant)
+    state, client, tenant_id = in_tenant(context, tenant)
     with client:
         answer = client.post(
             f"/v1/tenants/{tenant_id}/devices/{device_id}/revoke",
@@ -625,7 +625,7 @@ def certificate_list(
     params: dict[str, str | int] = {"limit": limit}
     if device_id:
         params["device_id"] = device_id
-    _list_in_tenant(
+    list_in_tenant(
         context,
         tenant,
         "/certificates",
@@ -639,7 +639,7 @@ def certificate_list(
 @certificate_app.command("show")
 def certificate_show(context: typer.Context, serial: str, tenant: TenantOption = None) -> None:
     """Show a certificate (PEM included)."""
-    _show_in_tenant(context, tenant, f"/certificates/{serial}", schemas.CertificatePublic, "Certificate")
+    show_in_tenant(context, tenant, f"/certificates/{serial}", schemas.CertificatePublic, "Certificate")
 
 
 @certificate_app.command("revoke")
@@ -650,7 +650,7 @@ def certificate_revoke(
     tenant: TenantOption = None,
 ) -> None:
     """Revoke one certificate; the CRL is regenerated at once."""
-    state, client, tenant_id = _in_tenant(context, tenant)
+    state, client, tenant_id = in_tenant(context, tenant)
     with client:
         item = client.post(
             f"/v1/tenants/{tenant_id}/certificates/{serial}/revoke",
@@ -668,7 +668,7 @@ def ca_download(
     tenant: TenantOption = None,
 ) -> None:
     """Download the tenant's CA chain (issuing CA, then root CA) as PEM."""
-    _state, client, tenant_id = _in_tenant(context, tenant)
+    _state, client, tenant_id = in_tenant(context, tenant)
     with client:
         output.write_bytes(client.get_bytes(f"/v1/tenants/{tenant_id}/ca/chain"))
         if crl is not None:
@@ -679,7 +679,7 @@ def ca_download(
 @ca_app.command("list")
 def ca_list(context: typer.Context, tenant: TenantOption = None) -> None:
     """List the tenant's CA certificates."""
-    _list_in_tenant(
+    list_in_tenant(
         context,
         tenant,
         "/ca/certificates",
@@ -698,7 +698,7 @@ def ca_proof(
     tenant: TenantOption = None,
 ) -> None:
     """Write a proof-of-possession certificate (CN = the verification code) signed by the tenant CA."""
-    _state, client, tenant_id = _in_tenant(context, tenant)
+    _state, client, tenant_id = in_tenant(context, tenant)
     with client:
         pem = client.post_bytes(
             f"/v1/tenants/{tenant_id}/ca/proof-of-possession",
@@ -731,7 +731,7 @@ def reference_add(
         digest = sha256.lower()
     else:
         fail("give --sha256 or --image")
-    _state, client, tenant_id = _in_tenant(context, tenant)
+    _state, client, tenant_id = in_tenant(context, tenant)
     body = schemas.ReferenceValuesAdd(
         values=[schemas.ReferenceValueItem(component=component, version=version, sha256=digest)]
     )
@@ -748,7 +748,7 @@ def reference_list(
 ) -> None:
     """List reference values."""
     params: dict[str, str | int] = {"component": component} if component else {}
-    _list_in_tenant(
+    list_in_tenant(
         context,
         tenant,
         "/reference-values",
@@ -764,7 +764,7 @@ def reference_remove(
     context: typer.Context, component: str, version: str, sha256: str, tenant: TenantOption = None
 ) -> None:
     """Remove a reference value: devices running it no longer attest."""
-    _state, client, tenant_id = _in_tenant(context, tenant)
+    _state, client, tenant_id = in_tenant(context, tenant)
     with client:
         client.delete(f"/v1/tenants/{tenant_id}/reference-values/{component}/{version}/{sha256}")
     console.print(f"reference value {component} {version} removed")
@@ -775,7 +775,7 @@ def floor_set(
     context: typer.Context, component: str, minimum_version: str, tenant: TenantOption = None
 ) -> None:
     """Refuse attestation of COMPONENT below MINIMUM_VERSION from now on."""
-    state, client, tenant_id = _in_tenant(context, tenant)
+    state, client, tenant_id = in_tenant(context, tenant)
     with client:
         item = client.put(
             f"/v1/tenants/{tenant_id}/security-floors/{component}",
@@ -788,7 +788,7 @@ def floor_set(
 @floor_app.command("list")
 def floor_list(context: typer.Context, tenant: TenantOption = None) -> None:
     """List security floors."""
-    _list_in_tenant(
+    list_in_tenant(
         context,
         tenant,
         "/security-floors",
@@ -833,7 +833,7 @@ def event_list(
         params["device_id"] = device_id
     if kind:
         params["kind"] = kind
-    _list_in_tenant(
+    list_in_tenant(
         context,
         tenant,
         "/events",
