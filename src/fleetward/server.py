@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -14,6 +15,8 @@ from fleetward.api.device_lane import DeviceLane
 from fleetward.compose import Services
 from fleetward.config import Settings
 from fleetward.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
 
 
 def uvicorn_config(
@@ -48,7 +51,12 @@ def serve(services: Services, *, log_level: str = "info", workers: int = 1) -> N
         uvicorn.Server(uvicorn_config(services, log_level=log_level)).run()
         return
     settings = services.settings
+    if settings.hub_port:
+        # Direct methods and cloud-to-device messages reach a device through the process that holds its
+        # connection; until a bus routes them between processes, the hub lives in one process only.
+        logger.warning("with --workers %d the hub is off: run the hub in a single-process server", workers)
     os.environ.update(settings.to_environment())
+    os.environ["FLEETWARD_HUB_PORT"] = "0"
     single = uvicorn_config(services, log_level=log_level)
     uvicorn.run(
         "fleetward.server:worker_app",

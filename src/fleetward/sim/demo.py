@@ -7,6 +7,8 @@ the devices' attestation through the enrollment client. Nothing is faked but the
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import shutil
 import subprocess
 import tempfile
@@ -21,6 +23,7 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
+from fleetward.agent.mqtt import MqttClient
 from fleetward.api import schemas
 from fleetward.authority.service import RevocationReason
 from fleetward.client import FleetwardClient
@@ -53,6 +56,7 @@ def _run(root: Path, count: int, keep_serving: bool) -> None:
     settings = Settings.from_environment(
         data_dir=root,
         port=port,
+        hub_port=free_port(),
         tls_certificate=tls.certificate_file,
         tls_private_key=tls.private_key_file,
     )
@@ -81,7 +85,9 @@ def _run(root: Path, count: int, keep_serving: bool) -> None:
             asyncio.run(_enroll_fleet(server.url, tls.ca_file, fleet))
             _show_fleet(fleet)
             asyncio.run(_show_refusals(server.url, tls.ca_file, fleet[0], extra))
-            _revoke_and_verify(operator, tenant_id, fleet, root)
+            story = HubStory(operator, tenant_id, settings.hub_port, tls.ca_file, root / "devices")
+            asyncio.run(story.run(fleet))
+            _verify_with_openssl(operator, tenant_id, fleet, root)
             _show_events(operator, tenant_id)
             if keep_serving:
                 _serve_on(server.url, token, tenant_id, tls.ca_file)
@@ -189,21 +195,14 @@ async def _show_refusals(
     )
 
 
-def _revoke_and_verify(
+def _verify_with_openssl(
     operator: FleetwardClient, tenant_id: str, fleet: list[SimulatedDevice], root: Path
 ) -> None:
     victim, keeper = fleet[-1], fleet[0]
-    answer = operator.post(
-        f"/v1/tenants/{tenant_id}/devices/{victim.device_id}/revoke",
-        schemas.Revoke(reason=RevocationReason.KEY_COMPROMISE),
-        schemas.RevokedDevice,
-    )
-    crl_der = operator.get_bytes(f"/v1/tenants/{tenant_id}/crl")
-    crl = x509.load_der_x509_crl(crl_der)
+    crl = x509.load_der_x509_crl(operator.get_bytes(f"/v1/tenants/{tenant_id}/crl"))
+    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     console.print(
-        f"Revoked {victim.name}: {answer.certificates_revoked} certificate(s) on the CRL "
-        f"(CRL number {crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number}, "
-        f"{len(list(crl))} entr{'y' if len(list(crl)) == 1 else 'ies'})."
+        f"The tenant's CRL (number {number}) lists {len(list(crl))} certificate(s): {victim.name}'s."
     )
     openssl = shutil.which("openssl")
     if openssl is None:
@@ -243,6 +242,121 @@ def _revoke_and_verify(
         )
         console.print(f"openssl verify -crl_check {device.name}'s certificate: {verdict}")
     console.print()
+
+
+class HubStory:
+    """The fleet on the hub: telemetry, a direct method, a desired property, a revocation ending a session."""
+
+    def __init__(
+        self, operator: FleetwardClient, tenant_id: str, hub_port: int, ca_file: Path, directory: Path
+    ) -> None:
+        self._operator = operator
+        self._tenant = tenant_id
+        self._port = hub_port
+        self._ca_file = ca_file
+        self._directory = directory
+        self.desired_seen: dict[str, str] = {}
+
+    async def run(self, fleet: list[SimulatedDevice]) -> None:
+        console.rule("the hub: MQTT over mutual TLS, in the Azure IoT Hub device dialect")
+        clients = [
+            device.hub_client("127.0.0.1", self._port, self._ca_file, self._directory) for device in fleet
+        ]
+        async with contextlib.AsyncExitStack() as stack:
+            for client in clients:
+                await stack.enter_async_context(client)
+                await client.subscribe("$iothub/methods/POST/#", "$iothub/twin/PATCH/properties/desired/#")
+            behaviours = [
+                asyncio.create_task(self._behave(device, client))
+                for device, client in zip(fleet, clients, strict=True)
+            ]
+            await self._stream_telemetry(fleet, clients)
+            await self._call_a_method(fleet[0])
+            await self._set_desired(fleet)
+            await self._revoke(fleet[-1], clients[-1])
+            for behaviour in behaviours:
+                behaviour.cancel()
+
+    async def _behave(self, device: SimulatedDevice, client: MqttClient) -> None:
+        """What a panel does with what the hub sends it: answer methods, take desired properties."""
+        while True:
+            message = await client.inbox.get()
+            if message.topic.startswith("$iothub/methods/POST/"):
+                request_id = message.topic.rpartition("$rid=")[2]
+                reading = {"panel": device.name, "power_watts": 310 + hash(device.name) % 40, "ok": True}
+                await client.publish(
+                    f"$iothub/methods/res/200/?$rid={request_id}", json.dumps(reading).encode()
+                )
+            elif message.topic.startswith("$iothub/twin/PATCH/properties/desired/"):
+                self.desired_seen[device.name] = message.payload.decode()
+
+    async def _stream_telemetry(self, fleet: list[SimulatedDevice], clients: list[MqttClient]) -> None:
+        per_device = 20
+        started = time.perf_counter()
+
+        async def send(device: SimulatedDevice, client: MqttClient) -> None:
+            for number in range(per_device):
+                body = json.dumps({"power_watts": 300 + number, "panel_temperature": 31.5}).encode()
+                topic = f"devices/{device.device_id}/messages/events/%24.ct=application%2Fjson&%24.ce=utf-8"
+                await client.publish(topic, body, qos=1)
+
+        await asyncio.gather(*(send(device, client) for device, client in zip(fleet, clients, strict=True)))
+        elapsed = time.perf_counter() - started
+        params: dict[str, str | int] = {"device_id": fleet[0].device_id, "limit": 1000}
+        stored = await asyncio.to_thread(
+            self._operator.get_list, f"/v1/tenants/{self._tenant}/telemetry", schemas.TelemetryPublic, params
+        )
+        total = per_device * len(fleet)
+        console.print(
+            f"[green]✔[/green] {len(fleet)} panels sent {total} readings with QoS 1 in "
+            f"{elapsed * 1000:.0f} ms, each acknowledged only once committed "
+            f"({len(stored)} stored for {fleet[0].name})"
+        )
+
+    async def _call_a_method(self, device: SimulatedDevice) -> None:
+        result = await asyncio.to_thread(
+            self._operator.post,
+            f"/v1/tenants/{self._tenant}/devices/{device.device_id}/methods/read_power",
+            schemas.MethodInvoke(payload={"unit": "W"}, timeout_seconds=10),
+            schemas.MethodResultPublic,
+        )
+        console.print(
+            f"[green]✔[/green] direct method read_power on {device.name}: "
+            f"status {result.status}, {result.payload}"
+        )
+
+    async def _set_desired(self, fleet: list[SimulatedDevice]) -> None:
+        pushed = 0
+        for device in fleet:
+            raw = await asyncio.to_thread(
+                self._operator.request_json,
+                "PATCH",
+                f"/v1/tenants/{self._tenant}/devices/{device.device_id}/twin/desired",
+                {"max_temperature": 75},
+            )
+            pushed += schemas.DesiredPatched.model_validate_json(raw).pushed
+        deadline = time.monotonic() + 5
+        while len(self.desired_seen) < len(fleet) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        console.print(
+            f"[green]✔[/green] desired property max_temperature=75 pushed to {pushed} connected panels; "
+            f"{len(self.desired_seen)} received it"
+        )
+
+    async def _revoke(self, victim: SimulatedDevice, client: MqttClient) -> None:
+        started = time.perf_counter()
+        answer = await asyncio.to_thread(
+            self._operator.post,
+            f"/v1/tenants/{self._tenant}/devices/{victim.device_id}/revoke",
+            schemas.Revoke(reason=RevocationReason.KEY_COMPROMISE),
+            schemas.RevokedDevice,
+        )
+        await asyncio.wait_for(client.closed.wait(), 5)
+        elapsed = time.perf_counter() - started
+        console.print(
+            f"[green]✔[/green] revoked {victim.name} ({answer.certificates_revoked} certificate on the CRL): "
+            f"the hub ended its live session {elapsed * 1000:.0f} ms after the request\n"
+        )
 
 
 def _show_events(operator: FleetwardClient, tenant_id: str) -> None:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import ssl
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 from cryptography.hazmat.primitives import serialization
 
 from fleetward.agent.enroll import EnrollmentClient, OperationalCredential
+from fleetward.agent.mqtt import MqttClient
 from fleetward.agent.rot import SoftwareRootOfTrust, device_id_of
 from fleetward.api import schemas
 from fleetward.wire.evidence import Measurement
@@ -40,6 +44,21 @@ class SimulatedDevice:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
         return schemas.DeviceClaimItem(device_id=self.device_id, public_key=pem.decode("ascii"))
+
+    def hub_client(self, host: str, port: int, ca_file: Path, directory: Path) -> MqttClient:
+        """An MQTT client for the hub with the current certificate (written to ``directory``, key 0600)."""
+        assert self.credential is not None, "enroll first"
+        directory.mkdir(parents=True, exist_ok=True)
+        certificate, key = directory / f"{self.name}.pem", directory / f"{self.name}.key"
+        certificate.write_text(self.credential.issued.certificate)
+        descriptor = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(self.credential.key_pem())
+        context = ssl.create_default_context(cafile=str(ca_file))
+        context.load_cert_chain(str(certificate), str(key))
+        return MqttClient(
+            host, port, self.device_id, context, username=f"{host}/{self.device_id}/?api-version=2021-04-12"
+        )
 
     async def enroll(self, url: str, http: httpx.AsyncClient) -> OperationalCredential:
         """Attest with the current software and keep the certificate (renewal is the same call)."""
