@@ -47,6 +47,10 @@ class MqttClient:
         self.session_present = False
         self.closed = asyncio.Event()
 
+    @property
+    def tls_context(self) -> ssl.SSLContext:
+        return self._tls
+
     async def __aenter__(self) -> MqttClient:
         try:
             reader, self._writer = await asyncio.wait_for(
@@ -157,6 +161,8 @@ class MqttClient:
                 future.set_result(packet)
 
     async def _ping(self) -> None:
-        while True:
+        while not self.closed.is_set():
             await asyncio.sleep(max(1, self._connect.keep_alive * 0.75))
+            if self.closed.is_set():
+                return
             self._write(codec.PingReq())

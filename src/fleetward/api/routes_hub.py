@@ -51,7 +51,7 @@ def _body_fields(body: bytes) -> dict[str, str | None]:
 
 def _telemetry(message: TelemetryMessage) -> schemas.TelemetryPublic:
     return schemas.TelemetryPublic(
-        id=message.id,
+        id=message.id or None,
         device_id=message.device_id,
         received_at=message.received_at,
         properties=dict(message.properties),
@@ -249,7 +249,7 @@ async def stream_telemetry(
                     yield b": still here\n\n"
                     continue
                 data = _telemetry(message).model_dump_json()
-                yield f"id: {message.id}\nevent: telemetry\ndata: {data}\n\n".encode()
+                yield f"event: telemetry\ndata: {data}\n\n".encode()
                 if missed:
                     yield f"event: missed\ndata: {json.dumps({'missed': missed})}\n\n".encode()
         finally:

@@ -343,7 +343,7 @@ class CloudToDevicePublic(BaseModel):
 
 
 class TelemetryPublic(BaseModel):
-    id: int
+    id: int | None = Field(description="the stored id (for paging); none on the live stream")
     device_id: str
     received_at: dt.datetime
     properties: dict[str, str]

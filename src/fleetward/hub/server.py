@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
 import ssl
+from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, cast
@@ -346,6 +348,8 @@ class DeviceConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self._connected = False
+        self._plaintext: list[bytes] = []
+        self._telemetry_topics: dict[tuple[str, topics.AccessMode], topics.DevicePublish] = {}
         self._handshaking = False
         self._clean_session = True
         self._closing = False
@@ -357,6 +361,8 @@ class DeviceConnection(asyncio.Protocol):
         self._messages = TokenBucket(limits.hub_messages_per_second, limits.hub_message_burst)
         self._bytes = TokenBucket(limits.hub_bytes_per_second, limits.hub_bytes_per_second * 2)
         self._throttled = False
+        #: packets read but not yet handled: while throttled they wait here, and reading is paused
+        self._held: deque[codec.Packet] = deque()
         self._inbound = 0
         self._reading_paused = False
         self._window: OutboundWindow[str] = OutboundWindow(limits.hub_inflight_outbound)
@@ -364,6 +370,7 @@ class DeviceConnection(asyncio.Protocol):
         self._queued_ids: set[str] = set()
         self._writable = True
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._bookkeeping: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------ transport events
 
@@ -395,10 +402,12 @@ class DeviceConnection(asyncio.Protocol):
         if self._handshaking and not self._continue_handshake():
             return
         chunks: list[bytes] = []
+        peer_closed = False
         try:
             while True:
                 chunk = self._tls.read(65536)
-                if not chunk:
+                if not chunk:  # an SSLObject reads the peer's close_notify as b"", not as an exception
+                    peer_closed = True
                     break
                 chunks.append(chunk)
         except ssl.SSLWantReadError:
@@ -412,6 +421,8 @@ class DeviceConnection(asyncio.Protocol):
         self._flush()
         if chunks:
             self._plaintext_received(b"".join(chunks))
+        if peer_closed:
+            self.close()
 
     def _continue_handshake(self) -> bool:
         """Advance the TLS handshake; True once it is complete and the peer identified."""
@@ -433,7 +444,12 @@ class DeviceConnection(asyncio.Protocol):
             return False
         except ssl.SSLError as error:
             self._flush()
-            self._refuse(ProtocolViolation(f"the TLS handshake failed ({error.reason})", code="tls_failed"))
+            refused: SecurityRefusal = ProtocolViolation(
+                f"the TLS handshake failed ({error.reason})", code="tls_failed"
+            )
+            if error.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":  # CERT_REQUIRED fails here, not below
+                refused = AccessRefused("a client certificate is required", code="certificate_missing")
+            self._refuse(refused)
             return False
         self._handshaking = False
         self.hub.handshakes -= 1
@@ -464,11 +480,15 @@ class DeviceConnection(asyncio.Protocol):
             self._refuse(violation)
             return
         self._partial_since = (self._partial_since or now) if self.reader.buffered else None
-        for packet in packets:
-            if self._closing:
-                return
+        self._held.extend(packets)
+        self._handle_held(now)
+
+    def _handle_held(self, now: float) -> None:
+        """Handle the packets read so far, in order; over the rate limit, the rest waits for the throttle
+        to end (a flood in one read is slowed like one spread over many)."""
+        while self._held and not self._closing and not self._throttled:
             try:
-                self._handle(packet, now)
+                self._handle(self._held.popleft(), now)
             except SecurityRefusal as refused:
                 self._refuse(refused)
                 return
@@ -482,6 +502,15 @@ class DeviceConnection(asyncio.Protocol):
             self._timer.cancel()
         for task in self._tasks:
             task.cancel()
+        self._leave()
+
+    def _leave(self) -> None:
+        """Unregister this connection; a persistent session keeps its subscriptions for the next one.
+
+        Whichever way the connection ends (DISCONNECT, a refusal, a takeover, the network): ``close``
+        unregisters before ``connection_lost`` runs, so both come here. The Azure IoT device SDK connects
+        with ``clean_session=0`` and subscribes to nothing again after a reconnect: it relies on this.
+        """
         if self.identity is not None and self.hub.connections.get(self.identity.device_id) is self:
             del self.hub.connections[self.identity.device_id]
             if self._clean_session:
@@ -537,21 +566,39 @@ class DeviceConnection(asyncio.Protocol):
         if not self._closing and self.transport is not None:
             self._closing = True
             self.transport.abort()
-            if self.identity is not None and self.hub.connections.get(self.identity.device_id) is self:
-                del self.hub.connections[self.identity.device_id]
+            self._leave()
 
     def send(self, packet: codec.Packet) -> None:
         self._write(codec.encode(packet))
 
     def _write(self, data: bytes) -> None:
-        if not self._closing and self.transport is not None and not self._handshaking:
-            self._tls.write(data)
-            self._flush()
+        """Queue plaintext; everything queued in one turn of the loop goes out as one TLS write."""
+        if self._closing or self.transport is None or self._handshaking:
+            return
+        self._plaintext.append(data)
+        if len(self._plaintext) == 1:
+            asyncio.get_running_loop().call_soon(self._write_queued)
 
-    def _spawn(self, work: Any) -> None:
+    def _write_queued(self) -> None:
+        if self._closing or not self._plaintext:
+            self._plaintext.clear()
+            return
+        data = b"".join(self._plaintext)
+        self._plaintext.clear()
+        self._tls.write(data)
+        self._flush()
+
+    def _spawn(self, work: Any, *, cancel_on_close: bool = True) -> None:
+        """Run ``work`` as a task, cancelled when the connection is lost unless ``cancel_on_close`` is False.
+
+        The bookkeeping of cloud-to-device messages must outlive the connection: cancelled while still queued
+        for a worker thread, a message acknowledged just before a disconnect would stay pending, and one sent
+        just before a drop would be sent again without DUP.
+        """
         task = asyncio.ensure_future(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        tasks = self._tasks if cancel_on_close else self._bookkeeping
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     # ------------------------------------------------------------------ packets
 
@@ -626,8 +673,14 @@ class DeviceConnection(asyncio.Protocol):
             self.subscriptions = {item for item in saved if self._allowed(item)}
         self._connected = True
         self.send(codec.ConnAck(codec.ConnectReturnCode.ACCEPTED, session_present))
+        loop = asyncio.get_running_loop()
+        if self._timer is not None:  # the CONNECT timer: from now on, the device's own keep-alive
+            self._timer.cancel()
+        self._timer = loop.call_later(
+            min(self._keep_alive, self.hub.limits.hub_packet_timeout_seconds), self._check_timeouts
+        )
         backlog, self._backlog = self._backlog[1:], []
-        now = asyncio.get_running_loop().time()
+        now = loop.time()
         try:
             for packet in backlog:
                 self._handle(packet, now)
@@ -667,11 +720,14 @@ class DeviceConnection(asyncio.Protocol):
         self._limit_rate(len(packet.payload), now)
         identity = self.identity
         assert identity is not None
-        try:
+        decided = self._telemetry_topics.get((packet.topic, self.mode))
+        if decided is None:
+            # As IoT Hub does, a publish outside the device's topics ends its connection (AccessRefused).
             decided = topics.classify_publish(identity.device_id, packet.topic, self.mode)
-        except AccessRefused as refused:
-            # As IoT Hub does, a publish outside the device's topics ends its connection.
-            raise refused from None
+            if isinstance(decided, topics.Telemetry):  # a device repeats its telemetry topics: remember a few
+                if len(self._telemetry_topics) >= 16:
+                    self._telemetry_topics.clear()
+                self._telemetry_topics[(packet.topic, self.mode)] = decided
         if isinstance(decided, topics.Telemetry):
             message = TelemetryMessage(
                 identity.tenant_id,
@@ -683,7 +739,13 @@ class DeviceConnection(asyncio.Protocol):
             self._inbound += 1
             if self._inbound >= self.hub.limits.hub_inflight_inbound:
                 self._pause_reading()
-            self._spawn(self._store_telemetry(message, packet.packet_id if packet.qos else None))
+            packet_id = packet.packet_id if packet.qos else None
+            queued = self.hub.telemetry.offer(message)
+            if queued is None:  # the batcher is full: wait for room (and read no more meanwhile)
+                self._pause_reading()
+                self._spawn(self._store_telemetry(message, packet_id))
+            else:  # the hot path: no task per message, a callback once the batch is committed
+                queued.add_done_callback(functools.partial(self._telemetry_committed, packet_id))
         elif isinstance(decided, topics.TwinGet):
             self._spawn(self._twin_get(decided.request_id))
         elif isinstance(decided, topics.TwinReported):
@@ -713,6 +775,7 @@ class DeviceConnection(asyncio.Protocol):
 
     def _end_throttle(self) -> None:
         self._throttled = False
+        self._handle_held(asyncio.get_running_loop().time())
         self._resume_reading()
 
     def _pause_reading(self) -> None:
@@ -733,18 +796,28 @@ class DeviceConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     async def _store_telemetry(self, message: TelemetryMessage, packet_id: int | None) -> None:
+        future: asyncio.Future[TelemetryMessage] = asyncio.get_running_loop().create_future()
         try:
-            stored = await self.hub.telemetry.submit(message)
+            future.set_result(await self.hub.telemetry.submit(message))
         except FleetwardError as error:
-            # Not committed, not acknowledged: the device sends it again on its next connection.
-            logger.warning("telemetry of %s not stored: %s", message.device_id[:16], error)
+            future.set_exception(error)
+        self._telemetry_committed(packet_id, future)
+
+    def _telemetry_committed(self, packet_id: int | None, future: asyncio.Future[TelemetryMessage]) -> None:
+        """Acknowledge a telemetry message once its batch is committed; never before."""
+        self._inbound -= 1
+        if future.cancelled():
             self.close()
             return
-        finally:
-            self._inbound -= 1
+        error = future.exception()
+        if error is not None:
+            # Not committed, not acknowledged: the device sends it again on its next connection.
+            logger.warning("telemetry of %s not stored: %s", self.peer, error)
+            self.close()
+            return
         if packet_id is not None:
             self.send(codec.PubAck(packet_id))
-        self.hub.feed.publish((stored,))
+        self.hub.feed.publish((future.result(),))
         self._resume_reading()
 
     async def _twin_get(self, request_id: str) -> None:
@@ -829,9 +902,9 @@ class DeviceConnection(asyncio.Protocol):
             )
             sent.append(message.id)
         if sent:
-            self._spawn(asyncio.to_thread(self.hub.store.mark_delivered, sent))
+            self._spawn(asyncio.to_thread(self.hub.store.mark_delivered, sent), cancel_on_close=False)
 
     def _on_puback(self, packet_id: int) -> None:
         message_id = self._window.acknowledge(packet_id)
-        self._spawn(asyncio.to_thread(self.hub.store.complete, message_id))
+        self._spawn(asyncio.to_thread(self.hub.store.complete, message_id), cancel_on_close=False)
         self._send_queued()

@@ -173,12 +173,12 @@ class TokenBucket:
 
     rate: float
     burst: float
-    _level: float = -1.0
-    _at: float = 0.0
+    _level: float = 0.0
+    _at: float | None = None  # None until the first spend: the level may go negative (a debt)
 
     def spend(self, cost: float, now: float) -> float:
         """Spend ``cost``; return 0 if it was within the limit, else the seconds until it would have been."""
-        if self._level < 0:
+        if self._at is None:
             self._level, self._at = self.burst, now
         self._level = min(self.burst, self._level + (now - self._at) * self.rate)
         self._at = now

@@ -119,25 +119,21 @@ class HubStore:
     # ------------------------------------------------------------------ telemetry
 
     def append_telemetry(self, batch: Sequence[TelemetryMessage]) -> list[TelemetryMessage | FleetwardError]:
-        """Commit a batch of telemetry in one transaction; each answer carries its id."""
+        """Commit a batch of telemetry in one transaction: one statement, one disk flush."""
+        columns = ("tenant_id", "device_id", "received_at", "properties", "body")
         with self._db.write() as connection:
-            rows = connection.execute(
-                telemetry.insert().returning(telemetry.c.id, sort_by_parameter_order=True),
-                [
-                    {
-                        "tenant_id": message.tenant_id,
-                        "device_id": message.device_id,
-                        "received_at": message.received_at,
-                        "properties": json.dumps(message.properties, separators=(",", ":")),
-                        "body": message.body,
-                    }
-                    for message in batch
-                ],
-            ).all()
-        return [
-            TelemetryMessage(m.tenant_id, m.device_id, m.received_at, m.properties, m.body, row.id)
-            for m, row in zip(batch, rows, strict=True)
-        ]
+            rows: list[tuple[object, ...]] = [
+                (
+                    message.tenant_id,
+                    message.device_id,
+                    self._db.stored_time(message.received_at),
+                    json.dumps(message.properties, separators=(",", ":")),
+                    message.body,
+                )
+                for message in batch
+            ]
+            self._db.insert_rows(connection, telemetry, columns, rows)
+        return list(batch)
 
     def query_telemetry(
         self,

@@ -2,7 +2,8 @@
 
 As in Azure IoT Hub: each half of the twin is a JSON object with a ``$version`` that grows by one on each
 change; a patch sets keys, and ``null`` removes them; keys are 1 to 128 characters without ``.``, ``$``,
-space or control characters; objects nest at most 10 levels; each half serializes to at most 32 KiB.
+space or control characters; objects and arrays nest at most 10 levels; each half serializes to at most
+32 KiB.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def parse_patch(body: bytes, max_bytes: int) -> JsonObject:
         patch = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise InvalidInput("a twin patch is a JSON object", code="twin_patch_malformed") from None
+    except RecursionError:  # thousands of nested arrays or objects: far past the depth bound
+        raise InvalidInput(f"twin properties nest at most {MAX_DEPTH} levels", code="twin_too_deep") from None
     if not isinstance(patch, dict):
         raise InvalidInput("a twin patch is a JSON object", code="twin_patch_malformed")
     patch.pop("$version", None)  # the version is the hub's to keep
@@ -71,8 +74,18 @@ def _check_object(value: JsonObject, depth: int) -> None:
             raise InvalidInput(
                 f"twin key {key[:32]!r} holds '.', '$', a space or a control character", code="twin_bad_key"
             )
-        if isinstance(item, dict):
-            _check_object(item, depth + 1)
+        _check_value(item, depth + 1)
+
+
+def _check_value(item: Json, depth: int) -> None:
+    """Objects inside arrays obey the same key rules, and arrays count as levels too."""
+    if isinstance(item, dict):
+        _check_object(item, depth)
+    elif isinstance(item, list):
+        if depth > MAX_DEPTH:
+            raise InvalidInput(f"twin properties nest at most {MAX_DEPTH} levels", code="twin_too_deep")
+        for element in item:
+            _check_value(element, depth + 1)
 
 
 def merge(properties: JsonObject, patch: JsonObject) -> JsonObject:

@@ -70,6 +70,14 @@ class Batcher(Generic[Item, Result]):
         """Items queued and not yet taken into a batch."""
         return self._queue.qsize()
 
+    def offer(self, item: Item) -> asyncio.Future[Result] | None:
+        """Queue ``item`` without waiting: its future, or None when the queue is full (then ``submit``)."""
+        if self._worker is None or self._worker.done() or self._queue.full():
+            return None
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((item, future))
+        return future
+
     async def submit(self, item: Item) -> Result:
         """Queue ``item`` and wait for its own result; raises the error that refused it."""
         if self._worker is None or self._worker.done():

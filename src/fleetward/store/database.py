@@ -7,6 +7,7 @@ read transaction upgrades; reads use a separate engine and never block writers.
 
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
 import os
 import threading
@@ -123,6 +124,30 @@ class Database:
         if self.is_sqlite:
             return sqlite.insert(table).on_conflict_do_nothing()
         return postgresql.insert(table).on_conflict_do_nothing()
+
+    def stored_time(self, moment: dt.datetime) -> object:
+        """A timestamp as this dialect stores it (what ``schema.UtcDateTime`` writes), for ``insert_rows``."""
+        utc = moment.astimezone(dt.UTC).replace(tzinfo=None)
+        return utc.strftime("%Y-%m-%d %H:%M:%S.%f") if self.is_sqlite else utc
+
+    def insert_rows(
+        self,
+        connection: Connection,
+        table: sa.Table,
+        columns: tuple[str, ...],
+        rows: list[tuple[object, ...]],
+    ) -> None:
+        """Insert rows of plain values through the driver's ``executemany``: the telemetry hot path, where
+        SQLAlchemy's per-row parameter processing would cost more than the insert. Values must already be
+        in stored form (``stored_time`` for timestamps)."""
+        unknown = set(columns) - set(table.columns.keys())
+        if unknown:
+            raise ValueError(f"{table.name} has no columns {sorted(unknown)}")
+        marker = "?" if self.is_sqlite else "%s"
+        placeholders = ", ".join([marker] * len(columns))
+        # Names come from the schema (checked above), values go as parameters: nothing is interpolated.
+        sql = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({placeholders})"  # noqa: S608
+        connection.exec_driver_sql(sql, rows)
 
     def upgrade(self) -> None:
         """Bring the schema to the newest migration."""
