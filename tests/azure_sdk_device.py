@@ -3,8 +3,8 @@
 
 It runs only in ``.venv-azure-iot`` (``scripts/setup`` makes it), where the Azure IoT Hub device SDK for
 Python is installed with the older paho-mqtt it pins; the main virtual environment has neither. It speaks
-one JSON object a line on stdout (``{"step": …}``) so that the test can follow it, and ends when its
-standard input says ``quit`` or closes.
+one JSON object a line on stdout (``{"step": …}``) so that the test can follow it, takes ``disconnect``
+and ``connect`` on its standard input, and ends when that says ``quit`` or closes.
 
 The SDK always dials port 8883, so the test hands it an HTTP CONNECT proxy (the SDK's own ``proxy_options``,
 as a device behind a corporate proxy would use) that leads to the hub's port; TLS stays end to end.
@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,8 @@ def main() -> int:
     parser.add_argument("--key", required=True, type=Path)
     parser.add_argument("--ca", required=True, type=Path, help="the CA the hub's certificate chains to")
     parser.add_argument("--proxy-port", required=True, type=int)
+    parser.add_argument("--keep-alive", required=True, type=int, help="seconds")
+    parser.add_argument("--idle-seconds", required=True, type=float, help="how long to stay silent")
     options = parser.parse_args()
 
     client = IoTHubDeviceClient.create_from_x509_certificate(
@@ -54,7 +57,7 @@ def main() -> int:
         server_verification_cert=options.ca.read_text(),
         proxy_options=ProxyOptions("HTTP", "127.0.0.1", options.proxy_port),
         connection_retry=False,
-        keep_alive=30,
+        keep_alive=options.keep_alive,
     )
 
     def on_desired(patch: dict[str, Any]) -> None:
@@ -92,14 +95,24 @@ def main() -> int:
         client.patch_twin_reported_properties({"firmware": "2.1.0", "uptime": 42})
         say("reported")
 
+        time.sleep(options.idle_seconds)  # longer than the keep-alive: paho pings, the hub must answer
+        say("idle", connected=client.connected)
+
         client.on_twin_desired_properties_patch_received = on_desired
         client.on_method_request_received = on_method
         client.on_message_received = on_message
         say("ready")
 
         for line in sys.stdin:
-            if line.strip() == "quit":
+            command = line.strip()
+            if command == "quit":
                 break
+            if command == "disconnect":
+                client.disconnect()
+                say("disconnected", connected=client.connected)
+            elif command == "connect":  # no handler is set again: the SDK counts on its MQTT session
+                client.connect()
+                say("reconnected", connected=client.connected)
     finally:
         client.shutdown()
     say("done")
