@@ -564,6 +564,7 @@ class DeviceConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if not self._closing and self.transport is not None:
+            self._write_queued()  # what was sent before closing (a refusing CONNACK) goes out first
             self._closing = True
             self.transport.abort()
             self._leave()

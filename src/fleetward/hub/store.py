@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import uuid
+import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -241,7 +242,7 @@ class HubStore:
         check_application_properties(properties)
         now = self._clock.now()
         message = CloudToDeviceMessage(
-            id=uuid.uuid4().hex,
+            id=_ordered_id(),
             tenant_id=tenant_id,
             device_id=device_id,
             body=body,
@@ -325,6 +326,12 @@ class HubStore:
                 .limit(max(1, min(limit, self._limits.max_list_items)))
             ).all()
         return [_c2d_message(row) for row in rows]
+
+
+def _ordered_id() -> str:
+    """32 hex characters that sort in the order they were made (nanoseconds, then randomness), so that
+    messages queued in the same instant are still delivered in the order they were queued."""
+    return f"{time.time_ns():016x}{secrets.token_hex(8)}"
 
 
 def _c2d_values(message: CloudToDeviceMessage) -> dict[str, Any]:
