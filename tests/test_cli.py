@@ -29,7 +29,7 @@ from fleetward.config import Settings
 from fleetward.server import BackgroundServer, free_port
 from fleetward.service_tls import paths
 from fleetward.sim.fleet import SimulatedDevice
-from fleetward.store.database import Database
+from fleetward.store.database import Database, head_revision
 from tests.conftest import TenantSetup
 
 GROUPS = [
@@ -388,7 +388,7 @@ def test_init_prepares_a_data_directory_whose_profile_reaches_the_server(
     assert result.exit_code == 0, result.output
     assert mode_of(data / "master.key") == 0o600
     database = Database(f"sqlite:///{data / 'fleetward.db'}")
-    assert database.current_revision() == "0001"
+    assert database.current_revision() == head_revision()
     database.dispose()
     tls = paths(data / "tls")
     for path in (tls.ca_file, tls.certificate_file, tls.private_key_file):
@@ -424,10 +424,10 @@ def test_db_upgrade_brings_the_store_to_the_newest_schema(
     for _ in range(2):  # and again: a no-op
         result = CliRunner().invoke(app, ["db", "upgrade", "--database-url", database_url], env=env)
         assert result.exit_code == 0, result.output
-        assert "schema at revision 0001" in result.stdout
+        assert f"schema at revision {head_revision()}" in result.stdout
     database = Database(database_url)
     try:
-        assert database.current_revision() == "0001"
+        assert database.current_revision() == head_revision()
     finally:
         database.dispose()
 

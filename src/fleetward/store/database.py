@@ -19,6 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
@@ -28,6 +29,15 @@ from fleetward.errors import ConfigurationError, Conflict, TransportError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK = 0x666C656574  # "fleet": the advisory lock key that serializes migrations on PostgreSQL
+
+
+def head_revision() -> str:
+    """The newest migration shipped with this version of fleetward."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
 
 
 def _sqlite_engine(url: sa.URL, *, immediate: bool) -> Engine:
