@@ -5,6 +5,7 @@ rate limit (session.py). No sockets, no store, no clock but the one passed in.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 from dataclasses import replace
@@ -22,6 +23,7 @@ from fleetward.authority import ca
 from fleetward.errors import AccessRefused, InvalidInput, PayloadTooLarge, ProtocolViolation
 from fleetward.hub import topics, twin
 from fleetward.hub.codec import Connect, ConnectReturnCode, Will
+from fleetward.hub.feed import TelemetryFeed
 from fleetward.hub.session import (
     Backlog,
     ConnectRefused,
@@ -31,6 +33,7 @@ from fleetward.hub.session import (
     check_connect,
     identify,
 )
+from fleetward.hub.store import TelemetryMessage
 from fleetward.hub.topics import (
     AccessMode,
     MethodResponse,
@@ -41,6 +44,7 @@ from fleetward.hub.topics import (
     classify_publish,
     classify_subscribe,
 )
+from fleetward.store.trust import TrustBell
 from fleetward.wire.identity import device_id_for
 
 DEVICE = "a" * 64
@@ -384,6 +388,8 @@ BAD_PATCHES: list[tuple[str, bytes, str]] = [
     ("a string", b'"x"', "twin_patch_malformed"),
     ("null", b"null", "twin_patch_malformed"),
     ("a number", b"1", "twin_patch_malformed"),
+    ("NaN, which is not JSON", b'{"a": NaN}', "twin_patch_malformed"),
+    ("Infinity, nested", b'{"a": {"b": [-Infinity]}}', "twin_patch_malformed"),
     ("a number of 5000 digits", b'{"a": ' + b"1" * 5000 + b"}", "twin_patch_malformed"),
     ("an empty key", b'{"": 1}', "twin_bad_key"),
     ("a 129-character key", json.dumps({"k" * 129: 1}).encode(), "twin_bad_key"),
@@ -804,3 +810,31 @@ def test_a_device_id_is_the_hash_of_its_identity_key() -> None:
     local = Tenant("tenant-c")
     identity = identify(der(local.issue(device_id)), {local.id: local.issuer.certificate}, NOW)
     assert identity.device_id == device_id
+
+
+def test_a_trust_bell_listener_stops_being_called_once_it_stops_listening() -> None:
+    bell = TrustBell()
+    calls: list[str] = []
+    stop_first = bell.listen(lambda: calls.append("first"))
+    bell.listen(lambda: calls.append("second"))
+    bell.ring()
+    stop_first()
+    stop_first()  # twice is harmless: a hub may stop twice
+    bell.ring()
+    assert calls == ["first", "second", "second"]
+
+
+async def test_a_slow_stream_subscriber_loses_the_oldest_messages_and_is_told_how_many() -> None:
+    feed = TelemetryFeed(buffer=2)
+    at = dt.datetime(2026, 11, 23, tzinfo=dt.UTC)
+
+    def message(tenant_id: str, number: int) -> TelemetryMessage:
+        return TelemetryMessage(tenant_id, "d" * 64, at, (), b"%d" % number, id=number)
+
+    follow = feed.follow("tenant-a")
+    first = asyncio.create_task(anext(follow))
+    await asyncio.sleep(0)  # the subscriber is registered and waiting
+    feed.publish([message("tenant-a", n) for n in range(1, 6)] + [message("tenant-b", 99)])
+    received = [await first, await anext(follow)]
+    await follow.aclose()
+    assert [(item.id, missed) for item, missed in received] == [(4, 3), (5, 3)]

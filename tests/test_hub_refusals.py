@@ -652,6 +652,64 @@ def test_a_flood_over_the_rate_limit_is_slowed_to_the_rate_and_recorded(
     assert len(stored) == count
 
 
+BYTES_PER_SECOND = 8 * 1024
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        pytest.param(
+            Limits(
+                hub_bytes_per_second=BYTES_PER_SECOND,
+                hub_connect_timeout_seconds=CONNECT_TIMEOUT,
+            ),
+            id=f"{BYTES_PER_SECOND}-bytes-per-second",
+        )
+    ],
+)
+def test_a_flood_over_the_byte_rate_is_slowed_to_the_rate_and_recorded(
+    hub: HubSetup, device: SimulatedDevice, good: SimulatedDevice
+) -> None:
+    """Few but large messages: the byte budget, not the message budget, slows them, and none is lost."""
+    count, size = 6, 4 * 1024
+
+    async def run() -> float:
+        async with beside(hub, good), session(hub, device) as client:
+            started = time.monotonic()
+            client.send(
+                *(Publish(telemetry_topic(device), b"x" * size, qos=1, packet_id=n + 1) for n in range(count))
+            )
+            acknowledged = {await client.receive() for _ in range(count)}
+            assert acknowledged == {PubAck(n + 1) for n in range(count)}
+            return time.monotonic() - started
+
+    elapsed = asyncio.run(run())
+    # A burst of two seconds' budget goes at once, and so does the message that runs the bucket into
+    # debt; everything after it waits until the debt is repaid.
+    assert elapsed >= (count * size - 2 * BYTES_PER_SECOND - size) / BYTES_PER_SECOND * 0.9
+    wait_for_event(hub, "rate_limited", device_id=device.device_id)
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [pytest.param(Limits(hub_max_connections=1, hub_connect_timeout_seconds=CONNECT_TIMEOUT), id="one")],
+)
+def test_a_connection_past_the_hub_s_maximum_is_dropped_and_recorded(
+    hub: HubSetup, device: SimulatedDevice, good: SimulatedDevice
+) -> None:
+    async def run() -> None:
+        async with hub.mqtt(good) as held:
+            async with raw(hub, None) as client:  # dropped before TLS: not even a ServerHello
+                assert await client.closed() == []
+            await held.publish(f"{telemetry_topic(good)}phase=during", b'{"ok": 1}', qos=1)
+        async with session(hub, device) as client:  # room again once the first has gone
+            client.send(Publish(telemetry_topic(device), b"{}", qos=1, packet_id=1))
+            assert await client.receive() == PubAck(1)
+
+    asyncio.run(run())
+    assert "maximum" in wait_for_tenantless_event(hub, "hub_full")
+
+
 def twin_exchange(hub: HubSetup, device: SimulatedDevice, body: bytes) -> tuple[str, bytes]:
     """Report ``body`` as a reported-properties patch; the topic and payload of the hub's answer."""
 

@@ -169,7 +169,7 @@ class Hub:
         def wake() -> None:
             loop.call_soon_threadsafe(self._wake.set)
 
-        trust_bell.listen(wake)
+        self._stop_listening = trust_bell.listen(wake)
         self.port = 0
 
     async def start(self, host: str, port: int) -> None:
@@ -190,6 +190,7 @@ class Hub:
         ]
 
     async def stop(self) -> None:
+        self._stop_listening()  # the bell outlives this hub and its event loop
         if self._server is not None:
             self._server.close()
         for connection in list(self.connections.values()):

@@ -52,7 +52,7 @@ def parse_patch(body: bytes, max_bytes: int) -> JsonObject:
     if len(body) > max_bytes:
         raise PayloadTooLarge(f"a twin patch holds at most {max_bytes} bytes", code="twin_too_large")
     try:
-        patch = json.loads(body)
+        patch = json.loads(body, parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError):
         raise InvalidInput("a twin patch is a JSON object", code="twin_patch_malformed") from None
     except RecursionError:  # thousands of nested arrays or objects: far past the depth bound
@@ -62,6 +62,11 @@ def parse_patch(body: bytes, max_bytes: int) -> JsonObject:
     patch.pop("$version", None)  # the version is the hub's to keep
     _check_object(patch, 1)
     return patch
+
+
+def _refuse_constant(name: str) -> Json:
+    """NaN and Infinity are not JSON (RFC 8259), and a twin must read back in any JSON parser."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _check_object(value: JsonObject, depth: int) -> None:

@@ -7,6 +7,7 @@ that wrote the change act at once instead of at its next look.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import threading
 from collections.abc import Callable, Sequence
@@ -77,9 +78,16 @@ class TrustBell:
         self._listeners: list[Callable[[], None]] = []
         self._lock = threading.Lock()
 
-    def listen(self, listener: Callable[[], None]) -> None:
+    def listen(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener`` on every ring until the returned function is called."""
         with self._lock:
             self._listeners.append(listener)
+
+        def stop_listening() -> None:
+            with self._lock, contextlib.suppress(ValueError):
+                self._listeners.remove(listener)
+
+        return stop_listening
 
     def ring(self) -> None:
         with self._lock:
