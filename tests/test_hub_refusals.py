@@ -612,6 +612,25 @@ RATE = 20
 BURST = 5
 
 
+def flood(hub: HubSetup, device: SimulatedDevice, good: SimulatedDevice, bodies: list[bytes]) -> float:
+    """Publish ``bodies`` at QoS 1 all at once; the seconds until every one was acknowledged."""
+
+    async def run() -> float:
+        async with beside(hub, good), session(hub, device) as client:
+            started = time.monotonic()
+            client.send(
+                *(
+                    Publish(telemetry_topic(device), body, qos=1, packet_id=n + 1)
+                    for n, body in enumerate(bodies)
+                )
+            )
+            acknowledged = {await client.receive() for _ in bodies}
+            assert acknowledged == {PubAck(n + 1) for n in range(len(bodies))}
+            return time.monotonic() - started
+
+    return asyncio.run(run())
+
+
 @pytest.mark.parametrize(
     "limits",
     [
@@ -630,18 +649,7 @@ def test_a_flood_over_the_rate_limit_is_slowed_to_the_rate_and_recorded(
 ) -> None:
     """Back-pressure, not loss: every message is stored and acknowledged, no faster than the rate allows."""
     count = 45
-
-    async def run() -> float:
-        async with beside(hub, good), session(hub, device) as client:
-            started = time.monotonic()
-            client.send(
-                *(Publish(telemetry_topic(device), b"%d" % n, qos=1, packet_id=n + 1) for n in range(count))
-            )
-            acknowledged = {await client.receive() for _ in range(count)}
-            assert acknowledged == {PubAck(n + 1) for n in range(count)}
-            return time.monotonic() - started
-
-    elapsed = asyncio.run(run())
+    elapsed = flood(hub, device, good, [b"%d" % n for n in range(count)])
     assert elapsed >= (count - BURST) / RATE * 0.95
     wait_for_event(hub, "rate_limited", device_id=device.device_id)
     stored = hub.tenant.client.get_list(
@@ -672,18 +680,7 @@ def test_a_flood_over_the_byte_rate_is_slowed_to_the_rate_and_recorded(
 ) -> None:
     """Few but large messages: the byte budget, not the message budget, slows them, and none is lost."""
     count, size = 6, 4 * 1024
-
-    async def run() -> float:
-        async with beside(hub, good), session(hub, device) as client:
-            started = time.monotonic()
-            client.send(
-                *(Publish(telemetry_topic(device), b"x" * size, qos=1, packet_id=n + 1) for n in range(count))
-            )
-            acknowledged = {await client.receive() for _ in range(count)}
-            assert acknowledged == {PubAck(n + 1) for n in range(count)}
-            return time.monotonic() - started
-
-    elapsed = asyncio.run(run())
+    elapsed = flood(hub, device, good, [b"x" * size] * count)
     # A burst of two seconds' budget goes at once, and so does the message that runs the bucket into
     # debt; everything after it waits until the debt is repaid.
     assert elapsed >= (count * size - 2 * BYTES_PER_SECOND - size) / BYTES_PER_SECOND * 0.9
