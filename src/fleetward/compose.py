@@ -9,6 +9,7 @@ from fleetward.authority.service import AuthorityService
 from fleetward.clock import Clock, SystemClock
 from fleetward.config import Settings
 from fleetward.hub.store import HubStore
+from fleetward.monitor.reports import ReportStore
 from fleetward.registry.service import RegistryService
 from fleetward.store.database import Database
 from fleetward.store.trust import TrustBell
@@ -23,6 +24,7 @@ class Services:
     registry: RegistryService
     authority: AuthorityService
     hub_store: HubStore
+    reports: ReportStore
 
     def close(self) -> None:
         self.authority.close()
@@ -60,4 +62,5 @@ def build_services(
             database, keystore, clock, settings.limits, settings.resolved_public_url, trust_bell
         ),
         hub_store=HubStore(database, clock, settings.limits),
+        reports=ReportStore(database, clock),
     )

@@ -10,7 +10,14 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 import fleetward
-from fleetward.api import errors, routes_attestation, routes_authority, routes_hub, routes_registry
+from fleetward.api import (
+    errors,
+    routes_attestation,
+    routes_authority,
+    routes_hub,
+    routes_registry,
+    routes_reports,
+)
 from fleetward.api.device_lane import DeviceLane
 from fleetward.api.limits import BodyLimit
 from fleetward.authority.service import EnrollmentWork
@@ -47,7 +54,13 @@ async def _start_hub(services: Services) -> Hub | None:
         return None
     context = server_tls_context(str(settings.tls_certificate), str(settings.tls_private_key))
     hub = Hub(
-        services.hub_store, services.database, services.clock, settings.limits, context, services.trust_bell
+        services.hub_store,
+        services.database,
+        services.clock,
+        settings.limits,
+        context,
+        services.trust_bell,
+        services.reports,
     )
     await hub.start(settings.host, settings.hub_port)
     logger.info("hub listening for devices on %s:%d (MQTT over mutual TLS)", settings.host, hub.port)
@@ -106,6 +119,7 @@ def create_app(services: Services | None, *, limits: Limits | None = None) -> Fa
     app.include_router(routes_registry.router)
     app.include_router(routes_authority.router)
     app.include_router(routes_hub.router)
+    app.include_router(routes_reports.router)
 
     @app.get("/healthz", tags=["service"])
     def healthz() -> dict[str, str]:

@@ -8,8 +8,10 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from fleetward.authority.service import CaKind, RevocationReason
+from fleetward.monitor.reports import ReportKind
 from fleetward.registry.models import ClaimOutcome, DeviceStatus, OsFeed, Role, UpdatePolicy
 from fleetward.store.events import Severity
+from fleetward.wire.baseline import SecurityBaseline
 from fleetward.wire.identity import Sha256Hex
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=256)]
@@ -349,3 +351,35 @@ class TelemetryPublic(BaseModel):
     properties: dict[str, str]
     body: str | None = Field(description="the body as text, if it is UTF-8")
     body_base64: str
+
+
+# ---------------------------------------------------------------------- device reports
+
+
+class ReportPublic(BaseModel):
+    id: int
+    device_id: str
+    kind: ReportKind
+    component_id: str | None
+    signature: str | None = Field(description="what alike failures share; none for a baseline")
+    headline: str
+    occurred_at: dt.datetime
+    received_at: dt.datetime
+    report: dict[str, Any] = Field(description="the report as the device sent it, validated")
+
+
+class FailureSignaturePublic(BaseModel):
+    signature: str
+    kind: str
+    component_id: str | None
+    headline: str
+    count: int = Field(description="reports with this signature")
+    devices: int = Field(description="distinct devices that reported it")
+    first_seen: dt.datetime
+    last_seen: dt.datetime
+
+
+class BaselinePublic(BaseModel):
+    device_id: str
+    received_at: dt.datetime
+    baseline: SecurityBaseline

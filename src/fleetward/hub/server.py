@@ -50,6 +50,8 @@ from fleetward.hub.session import (
 )
 from fleetward.hub.store import CloudToDeviceMessage, HubStore, TelemetryMessage
 from fleetward.hub.twin import JsonObject
+from fleetward.monitor import reports as monitor_reports
+from fleetward.monitor.reports import ReportStore
 from fleetward.store import events as event_log
 from fleetward.store.batching import Batcher
 from fleetward.store.database import Database
@@ -141,8 +143,10 @@ class Hub:
         limits: Limits,
         tls: ssl.SSLContext,
         trust_bell: TrustBell,
+        reports: ReportStore | None = None,
     ) -> None:
         self.store = store
+        self.reports = reports or ReportStore(database, clock)
         self.clock = clock
         self.limits = limits
         self.tls = tls
@@ -730,6 +734,9 @@ class DeviceConnection(asyncio.Protocol):
                 if len(self._telemetry_topics) >= 16:
                     self._telemetry_topics.clear()
                 self._telemetry_topics[(packet.topic, self.mode)] = decided
+        if isinstance(decided, topics.Telemetry) and decided.report_kind is not None:
+            self._spawn(self._store_report(decided.report_kind, packet.payload, packet.packet_id))
+            return
         if isinstance(decided, topics.Telemetry):
             message = TelemetryMessage(
                 identity.tenant_id,
@@ -821,6 +828,26 @@ class DeviceConnection(asyncio.Protocol):
             self.send(codec.PubAck(packet_id))
         self.hub.feed.publish((future.result(),))
         self._resume_reading()
+
+    async def _store_report(self, kind: str, body: bytes, packet_id: int | None) -> None:
+        """An agent's own report (a crash, a baseline): kept for the monitor, acknowledged once committed.
+
+        A malformed report is recorded as a security event and acknowledged all the same: it can never
+        become valid, and the device's store-and-forward queue must not send it forever.
+        """
+        identity = self.identity
+        assert identity is not None
+        try:
+            parsed = monitor_reports.parse_report(kind, body)
+            await asyncio.to_thread(self.hub.reports.record, identity.tenant_id, identity.device_id, parsed)
+        except InvalidInput as refused:  # PayloadTooLarge too
+            self.hub.security_event(refused.code, refused.message, identity, self.peer)
+        except FleetwardError as error:  # not committed, not acknowledged: the device sends it again
+            logger.warning("report of %s not stored: %s", self.peer, error)
+            self.close()
+            return
+        if packet_id:
+            self.send(codec.PubAck(packet_id))
 
     async def _twin_get(self, request_id: str) -> None:
         identity = self.identity

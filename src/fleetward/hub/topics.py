@@ -24,6 +24,7 @@ from enum import StrEnum
 from urllib.parse import parse_qsl, quote, urlencode
 
 from fleetward.errors import AccessRefused, InvalidInput
+from fleetward.wire.baseline import REPORT_PROPERTY
 
 MAX_PROPERTIES = 64
 MAX_PROPERTY_KEY_CHARS = 128
@@ -53,6 +54,14 @@ _QUARANTINE_SUBSCRIPTIONS = frozenset({Subscription.TWIN_RESPONSES, Subscription
 @dataclass(frozen=True)
 class Telemetry:
     properties: tuple[tuple[str, str], ...]
+
+    @property
+    def report_kind(self) -> str | None:
+        """The kind of the agent's own report this message carries (a crash, a baseline), if it is one."""
+        for key, value in self.properties:
+            if key == REPORT_PROPERTY:
+                return value
+        return None
 
 
 @dataclass(frozen=True)

@@ -276,3 +276,25 @@ cloud_to_device = Table(
     Column("completed_at", UtcDateTime, nullable=True),
     Index("ix_cloud_to_device_device_state", "device_id", "state", "created_at"),
 )
+
+
+# ---------------------------------------------------------------------- device reports (migration 0003)
+
+device_reports = Table(
+    "device_reports",
+    metadata,
+    # What devices report about themselves: application failures (grouped by signature) and baselines.
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("tenant_id", String(ID), nullable=False),
+    Column("device_id", String(DEVICE_ID), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("component_id", String(36), nullable=True),
+    Column("signature", String(64), nullable=True),
+    Column("headline", String(200), nullable=False),
+    Column("occurred_at", UtcDateTime, nullable=False),
+    Column("received_at", UtcDateTime, nullable=False),
+    Column("body", Text, nullable=False),  # the validated report, JSON
+    Index("ix_device_reports_tenant_device_id", "tenant_id", "device_id", "id"),
+    Index("ix_device_reports_tenant_signature", "tenant_id", "signature"),
+    Index("ix_device_reports_tenant_received", "tenant_id", "received_at"),
+)
