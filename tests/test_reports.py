@@ -7,12 +7,16 @@ import csv
 import datetime as dt
 import io
 import json
+import os
 import time
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from typer.testing import CliRunner
 
 from fleetward.api import schemas
+from fleetward.cli.main import app
 from fleetward.errors import InvalidInput, NotFound, PayloadTooLarge
 from fleetward.monitor.reports import MAX_FAILURE_REPORT_BYTES, failures_csv, parse_report
 from fleetward.sim.fleet import SimulatedDevice
@@ -205,3 +209,36 @@ def test_another_tenant_sees_none_of_these_reports(hub: HubSetup, fleet: list[Si
         other.client.get(
             f"/v1/tenants/{other.id}/devices/{fleet[0].device_id}/baseline", schemas.BaselinePublic
         )
+
+
+def test_the_cli_lists_grouped_failures_downloads_them_and_shows_a_baseline(
+    hub: HubSetup, fleet: list[SimulatedDevice], tmp_path: Path
+) -> None:
+    device = fleet[0]
+    send_reports(
+        hub,
+        device,
+        ("crash", crash("segfault at 0x7ffd1234")),
+        ("crash", crash("segfault at 0x1")),
+        ("security-baseline", BASELINE.model_dump_json().encode()),
+    )
+    env: dict[str, str | None] = {name: None for name in os.environ if name.startswith("FLEETWARD_")}
+    env["FLEETWARD_CLI_CONFIG"] = str(tmp_path / "cli.json")
+    env["FLEETWARD_CA_FILE"] = str(hub.tls.ca_file)
+    options = ["--url", hub.server.url, "--token", hub.token, "--tenant", hub.tenant.id]
+
+    def run(*args: str) -> str:
+        result = CliRunner().invoke(app, [*options, *args], env=env)
+        assert result.exit_code == 0, f"{args}: {result.output}{result.exception!r}"
+        return result.stdout
+
+    listed = json.loads(run("--json", "failure", "list"))
+    assert [(row["headline"], row["count"]) for row in listed] == [("SIGSEGV: segfault at 0x?", 2)]
+    reports = json.loads(run("--json", "report", "list", "--device-id", device.device_id))
+    assert [report["kind"] for report in reports] == ["crash", "crash", "security-baseline"]
+    run("failure", "download", "--output", str(tmp_path / "failures.csv"))
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "failures.csv").read_text())))
+    assert [(row["kind"], row["devices"]) for row in rows] == [("crash", "1")]
+    shown = run("device", "baseline", device.device_id)
+    assert "listening  tcp 127.0.0.1:8080" in shown
+    assert "in 2048 B / 4 packets" in shown
