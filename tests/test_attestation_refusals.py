@@ -38,7 +38,14 @@ from fleetward.sim.fleet import SimulatedDevice, measurement
 from fleetward.store import events as event_log
 from fleetward.store.events import Severity
 from fleetward.store.schema import certificates
-from fleetward.wire.evidence import MAX_CSR_CHARS, MAX_MEASUREMENTS, EnrollmentRequest, Evidence, Measurement
+from fleetward.wire.evidence import (
+    MAX_CSR_CHARS,
+    MAX_MEASUREMENTS,
+    AnyEvidence,
+    EnrollmentRequest,
+    Evidence,
+    Measurement,
+)
 from fleetward.wire.identity import device_id_for
 from tests.conftest import AGENT, APP, TenantSetup, healthy_software, make_tenant
 
@@ -68,7 +75,7 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def wire(evidence: Evidence, signature: bytes, csr: str) -> Wire:
+def wire(evidence: AnyEvidence, signature: bytes, csr: str) -> Wire:
     """The JSON a device sends, built from parts that need not agree with each other."""
     return {"evidence": evidence.model_dump(mode="json"), "signature": b64(signature), "csr": csr}
 
@@ -168,7 +175,7 @@ class Attempt:
             measurements or self.device.software,
         )
 
-    def signed(self, evidence: Evidence, csr: str, signer: RootOfTrust | None = None) -> Wire:
+    def signed(self, evidence: AnyEvidence, csr: str, signer: RootOfTrust | None = None) -> Wire:
         signature = (signer or self.device.root_of_trust).sign(evidence.to_be_signed())
         return wire(evidence, signature, csr)
 

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from fleetward.agent.rot import RootOfTrust, device_id_of
+from fleetward.agent.rot import AnyRootOfTrust, attest, device_id_of
 from fleetward.transport import check, network_error
 from fleetward.wire.evidence import (
     EnrollmentRequest,
@@ -53,9 +53,9 @@ def build_csr(key: ec.EllipticCurvePrivateKey, device_id: str) -> str:
 
 
 def build_enrollment(
-    root_of_trust: RootOfTrust, nonce: str, csr_pem: str, measurements: tuple[Measurement, ...]
+    root_of_trust: AnyRootOfTrust, nonce: str, csr_pem: str, measurements: tuple[Measurement, ...]
 ) -> EnrollmentRequest:
-    """Evidence over ``nonce``, the CSR's key and the log, signed by the identity key."""
+    """Evidence over ``nonce``, the CSR's key and the log, signed (or quoted) by the identity key."""
     csr = x509.load_pem_x509_csr(csr_pem.encode("ascii"))
     csr_key = csr.public_key()
     if not isinstance(csr_key, ec.EllipticCurvePublicKey):
@@ -66,9 +66,8 @@ def build_enrollment(
         csr_key_sha256=public_key_sha256(csr_key),
         measurements=measurements,
     )
-    return EnrollmentRequest(
-        evidence=evidence, signature=root_of_trust.sign(evidence.to_be_signed()), csr=csr_pem
-    )
+    signed = attest(root_of_trust, evidence)
+    return EnrollmentRequest(evidence=signed.evidence, signature=signed.signature, csr=csr_pem)
 
 
 def renewal_time(issued: EnrollmentResponse, rng: random.Random | None = None) -> dt.datetime:
@@ -84,7 +83,7 @@ class EnrollmentClient:
     def __init__(
         self,
         base_url: str,
-        root_of_trust: RootOfTrust,
+        root_of_trust: AnyRootOfTrust,
         *,
         http: httpx.AsyncClient | None = None,
         timeout_seconds: float = 30.0,

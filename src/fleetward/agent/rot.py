@@ -1,20 +1,28 @@
 """Roots of trust: where a device's identity key lives and signs, without ever leaving.
 
-Only :class:`SoftwareRootOfTrust` exists for now, and it is for development: its key is a file. TPM 2.0
-and PKCS#11 roots of trust implement the same protocol (the agent issue brings them).
+There are two shapes of root of trust, and one function, :func:`attest`, that signs evidence with either:
+
+- a :class:`RootOfTrust` signs any data with its identity key: :class:`SoftwareRootOfTrust` (a key file,
+  development only) and PKCS#11 tokens. It signs the v1 evidence statement as it is;
+- a :class:`QuotingRootOfTrust` cannot sign arbitrary data, only attest: a TPM 2.0 whose identity key is a
+  restricted attestation key (``agent/tpm.py``). It quotes a PCR over the statement's hash instead.
+
+Both name the device the same way: the SHA-256 of the identity key's DER SubjectPublicKeyInfo.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fleetward.errors import ConfigurationError
+from fleetward.wire.evidence import AnyEvidence, Evidence
 from fleetward.wire.identity import SUPPORTED_CURVE, device_id_for
 
 
@@ -31,7 +39,40 @@ class RootOfTrust(Protocol):
         ...
 
 
-def device_id_of(root_of_trust: RootOfTrust) -> str:
+@dataclass(frozen=True)
+class SignedEvidence:
+    """Evidence in the form the root of trust produced, and the identity key's DER signature over it."""
+
+    evidence: AnyEvidence
+    signature: bytes
+
+
+@runtime_checkable
+class QuotingRootOfTrust(Protocol):
+    """Holds an identity key that signs only what the root of trust itself attests (a TPM's quotes)."""
+
+    @property
+    def development_only(self) -> bool: ...
+
+    def public_key(self) -> ec.EllipticCurvePublicKey: ...
+
+    def attest(self, statement: Evidence) -> SignedEvidence:
+        """``statement`` in the root's own form of evidence, signed by the identity key."""
+        ...
+
+
+#: Whatever holds a device's identity key.
+AnyRootOfTrust = RootOfTrust | QuotingRootOfTrust
+
+
+def attest(root_of_trust: AnyRootOfTrust, statement: Evidence) -> SignedEvidence:
+    """Sign ``statement``: a quoting root quotes it, any other root signs the v1 statement as it is."""
+    if isinstance(root_of_trust, QuotingRootOfTrust):
+        return root_of_trust.attest(statement)
+    return SignedEvidence(statement, root_of_trust.sign(statement.signed_message()))
+
+
+def device_id_of(root_of_trust: AnyRootOfTrust) -> str:
     return device_id_for(root_of_trust.public_key())
 
 

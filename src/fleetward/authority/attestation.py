@@ -2,9 +2,11 @@
 
 Two steps, both free of I/O. :func:`prepare` checks what needs no stored state: the size of the request,
 the nonce (issued here, to this device, not expired), and the CSR (well formed, self-signed, a P-256
-key whose hash the evidence binds). :func:`judge` then checks the request against what the store knows:
-the device is claimed, the evidence is signed by its identity key, the device is not revoked, and every
-measurement is a reference value of its tenant at or above the component's security floor.
+key whose hash the evidence binds) and, for TPM evidence, the quote (well formed, over this statement,
+covering exactly the named PCR, whose value is the measurement log's). :func:`judge` then checks the
+request against what the store knows: the device is claimed, the evidence is signed by its identity key,
+the device is not revoked, and every measurement is a reference value of its tenant at or above the
+component's security floor.
 
 Each refusal raises :class:`AttestationRefused` with a code listed in docs/wire.md.
 """
@@ -12,6 +14,7 @@ Each refusal raises :class:`AttestationRefused` with a code listed in docs/wire.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -21,9 +24,15 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fleetward.authority.nonces import Nonce, NonceCodec
+from fleetward.authority.quote import TPM_ALG_SHA256, PcrSelection, QuoteMalformed, parse_quote
 from fleetward.config import Limits
 from fleetward.errors import AttestationRefused
-from fleetward.wire.evidence import EnrollmentRequest, Measurement
+from fleetward.wire.evidence import (
+    EnrollmentRequest,
+    Measurement,
+    TpmQuoteEvidence,
+    measurement_log_digest,
+)
 from fleetward.wire.identity import SUPPORTED_CURVE, public_key_sha256
 from fleetward.wire.versions import Version, parse_version
 
@@ -66,7 +75,7 @@ class ReferencePolicy:
 def prepare(
     request: EnrollmentRequest, codec: NonceCodec, now: dt.datetime, limits: Limits
 ) -> PreparedEnrollment:
-    """Check the nonce and the CSR; raise :class:`AttestationRefused` on the first failure."""
+    """Check the nonce, the CSR and any quote; raise :class:`AttestationRefused` on the first failure."""
     evidence = request.evidence
     if len(evidence.measurements) > limits.max_measurements:
         raise AttestationRefused(
@@ -92,7 +101,40 @@ def prepare(
         raise AttestationRefused("the CSR's signature does not verify", code="csr_signature_invalid")
     if public_key_sha256(csr_key) != evidence.csr_key_sha256:
         raise AttestationRefused("the CSR's key is not the one the evidence binds", code="csr_key_mismatch")
+    if isinstance(evidence, TpmQuoteEvidence):
+        check_quote(evidence)
     return PreparedEnrollment(request=request, nonce=nonce, csr_public_key=csr_key)
+
+
+def check_quote(evidence: TpmQuoteEvidence) -> None:
+    """The quote's content against the statement and the log; its signature is :func:`judge`'s to check.
+
+    A quote is over this statement when its qualifying data is SHA-256 of it: that binds the device id,
+    the nonce, the CSR key and the log digest. It covers exactly the SHA-256 bank's PCR ``pcr_index``,
+    and that PCR holds what replaying the log from 32 zero bytes gives.
+    """
+    try:
+        quote = parse_quote(evidence.attest)
+    except QuoteMalformed as error:
+        raise AttestationRefused(
+            f"the quote is not a TPM2_Quote's TPMS_ATTEST: {error}", code="quote_malformed"
+        ) from None
+    wanted = (PcrSelection(TPM_ALG_SHA256, frozenset({evidence.pcr_index})),)
+    if quote.pcr_selections != wanted:
+        raise AttestationRefused(
+            f"the quote must cover exactly PCR {evidence.pcr_index} of the SHA-256 bank",
+            code="quote_pcr_selection_invalid",
+        )
+    if quote.extra_data != evidence.statement_sha256():
+        raise AttestationRefused(
+            "the quote was made for another statement (another nonce, CSR key, device or log)",
+            code="quote_nonce_mismatch",
+        )
+    if quote.pcr_digest != hashlib.sha256(measurement_log_digest(evidence.measurements)).digest():
+        raise AttestationRefused(
+            f"PCR {evidence.pcr_index} as quoted is not what the measurement log replays to",
+            code="quote_pcr_mismatch",
+        )
 
 
 def judge(prepared: PreparedEnrollment, device: DeviceStanding | None, policy: ReferencePolicy) -> None:
@@ -102,7 +144,7 @@ def judge(prepared: PreparedEnrollment, device: DeviceStanding | None, policy: R
     try:
         device.identity_key.verify(
             prepared.request.signature,
-            prepared.request.evidence.to_be_signed(),
+            prepared.request.evidence.signed_message(),
             ec.ECDSA(hashes.SHA256()),
         )
     except InvalidSignature:
