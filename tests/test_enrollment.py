@@ -15,9 +15,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fleetward.agent.enroll import OperationalCredential
+from fleetward.agent.enroll import EnrollmentClient, OperationalCredential
+from fleetward.agent.rot import SoftwareRootOfTrust
 from fleetward.api import schemas
 from fleetward.authority.ca import parse_device_uri
+from fleetward.errors import TransportError
 from fleetward.server import BackgroundServer
 from fleetward.sim.fleet import SimulatedDevice
 from tests.conftest import TenantSetup, healthy_software
@@ -121,3 +123,40 @@ def test_the_chain_and_crl_verify_with_openssl_and_a_revoked_certificate_fails(
     bad = verify(lost)
     assert bad.returncode != 0
     assert "certificate revoked" in bad.stdout + bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("answers", "path"),
+    [
+        ({"/v1/attestation/nonce": b"<html>a captive portal</html>"}, "/v1/attestation/nonce"),
+        (
+            {
+                "/v1/attestation/nonce": b'{"nonce": "'
+                + b"n" * 43
+                + b'", "expires_at": "2026-12-01T00:02:00Z"}',
+                "/v1/attestation/certificate": b'{"certificate": 42}',
+            },
+            "/v1/attestation/certificate",
+        ),
+    ],
+    ids=["nonce", "certificate"],
+)
+def test_an_answer_that_is_not_the_authority_s_format_is_a_retryable_transport_error(
+    answers: dict[str, bytes], path: str
+) -> None:
+    """A proxy or a broken server answering 200: the device retries later rather than crash."""
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=answers[request.url.path])
+
+    async def run() -> None:
+        async with (
+            httpx.AsyncClient(transport=httpx.MockTransport(respond)) as http,
+            EnrollmentClient("https://authority.test", SoftwareRootOfTrust.generate(), http=http) as client,
+        ):
+            await client.enroll(healthy_software())
+
+    with pytest.raises(TransportError) as failed:
+        asyncio.run(run())
+    assert failed.value.code == "authority_answer_malformed"
+    assert path in failed.value.message

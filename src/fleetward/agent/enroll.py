@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import random
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TypeVar
 
 import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from pydantic import BaseModel, ValidationError
 
 from fleetward.agent.rot import AnyRootOfTrust, attest, device_id_of
+from fleetward.errors import TransportError
 from fleetward.transport import check, network_error
 from fleetward.wire.evidence import (
     EnrollmentRequest,
@@ -23,6 +27,8 @@ from fleetward.wire.evidence import (
     NonceResponse,
 )
 from fleetward.wire.identity import public_key_sha256
+
+Answer = TypeVar("Answer", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -111,7 +117,7 @@ class EnrollmentClient:
 
     async def nonce(self) -> NonceResponse:
         response = await self._post("/v1/attestation/nonce", {"device_id": self.device_id})
-        return NonceResponse.model_validate_json(response.content)
+        return _answer(NonceResponse, response)
 
     async def enroll(
         self,
@@ -124,9 +130,12 @@ class EnrollmentClient:
         """
         key = operational_key or ec.generate_private_key(ec.SECP256R1())
         challenge = await self.nonce()
-        request = build_enrollment(self._rot, challenge.nonce, build_csr(key, self.device_id), measurements)
+        # A TPM or a token takes milliseconds to sign: not on the event loop.
+        request = await asyncio.to_thread(
+            build_enrollment, self._rot, challenge.nonce, build_csr(key, self.device_id), measurements
+        )
         response = await self._post("/v1/attestation/certificate", request.wire_dict())
-        return OperationalCredential(key=key, issued=EnrollmentResponse.model_validate_json(response.content))
+        return OperationalCredential(key=key, issued=_answer(EnrollmentResponse, response))
 
     async def _post(self, path: str, body: dict[str, object]) -> httpx.Response:
         url = self._url + path
@@ -135,3 +144,14 @@ class EnrollmentClient:
         except httpx.HTTPError as error:
             raise network_error(error, url) from None
         return check(response)
+
+
+def _answer(model: type[Answer], response: httpx.Response) -> Answer:
+    """The authority's answer, or a retryable error if it is not what the wire format says."""
+    try:
+        return model.model_validate_json(response.content)
+    except ValidationError:
+        raise TransportError(
+            f"the authority's answer to {response.request.url.path} is not a valid {model.__name__}",
+            code="authority_answer_malformed",
+        ) from None
