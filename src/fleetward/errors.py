@@ -13,10 +13,12 @@ Every error fleetward raises on purpose is a :class:`FleetwardError` and carries
     │   │                            recorded as a security event (HTTP 403)
     │   ├── AttestationRefused       evidence, nonce or CSR failed verification
     │   ├── ProtocolViolation        a device broke the MQTT protocol (the hub closes the connection)
-    │   └── AccessRefused            a device reached for what it may not (a topic, a session)
+    │   ├── AccessRefused            a device reached for what it may not (a topic, a session)
+    │   └── LaunchRefused            an application package failed verification: not started, not measured
     ├── AccessDenied
     │   ├── Unauthenticated          no credentials, or credentials that are not valid (HTTP 401)
     │   └── PermissionDenied         valid credentials without the right role or scope (HTTP 403)
+    │       └── CapabilityNotDeclared    an application used a capability its manifest does not declare
     ├── NotFound                     no such thing in the caller's tenant (HTTP 404)
     ├── Conflict                     the request contradicts the current state (HTTP 409)
     ├── ConfigurationError           fleetward was started with settings it cannot run with
@@ -81,6 +83,16 @@ class AccessRefused(SecurityRefusal):
     default_code = "access_refused"
 
 
+class LaunchRefused(SecurityRefusal):
+    """An application package failed verification (signature, hash, archive or manifest).
+
+    The application is not started and not measured. The ``code`` says which check failed, for example
+    ``package_hash_mismatch`` or ``package_signature_invalid`` (docs/architecture.md lists them).
+    """
+
+    default_code = "launch_refused"
+
+
 class AccessDenied(FleetwardError):
     """The caller may not do what it asked."""
 
@@ -97,6 +109,21 @@ class PermissionDenied(AccessDenied):
     """Valid credentials that do not carry the right role or scope."""
 
     default_code = "permission_denied"
+
+
+class CapabilityNotDeclared(PermissionDenied):
+    """An application asked for a capability, or a part of one, that its manifest does not declare.
+
+    ``capability`` is the manifest name of the capability (``Gpio``, ``AllowedConnections``, …) and
+    ``detail`` what exactly was asked for (a pin, a host and port), or ``None`` for the capability itself.
+    """
+
+    default_code = "capability_not_declared"
+
+    def __init__(self, message: str, *, capability: str, detail: str | int | None = None) -> None:
+        super().__init__(message)
+        self.capability = capability
+        self.detail = detail
 
 
 class NotFound(FleetwardError):
