@@ -718,3 +718,33 @@ def test_an_oversized_nonce_request_is_refused_with_413(http: httpx.Client, serv
     body = _padded_json(services.settings.limits.max_request_bytes + 1)
     response = http.post(NONCE, content=body, headers={"Content-Type": "application/json"})
     assert_refused(response, 413, "payload_too_large")
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        Limits(
+            max_measurements=2,
+            refusal_events_per_device_per_minute=3,
+            unattributed_refusal_events_per_minute=4,
+        )
+    ],
+)
+def test_repeated_refusals_are_each_answered_but_recorded_only_within_the_per_minute_budget(
+    attempt: Attempt, services: Services, clock: FakeClock
+) -> None:
+    """A device that repeats a refused request, or a stranger inventing device ids, cannot fill the log."""
+    claimed, tenant = attempt.device, attempt.tenant
+    for _ in range(5):
+        assert_refused(attempt.post(_forged_signature(attempt)), 403, "evidence_signature_invalid")
+    strangers = [SimulatedDevice(f"stranger-{n}", healthy_software()) for n in range(6)]
+    for stranger in strangers:
+        unclaimed = Attempt(attempt.http, tenant, stranger, clock, attempt.limits)
+        assert_refused(unclaimed.post(unclaimed.good().wire_dict()), 403, "device_unclaimed")
+
+    assert refusals_in(tenant) == [("evidence_signature_invalid", claimed.device_id)] * 3
+    assert len(refusals_of_no_tenant(services)) == 4
+
+    clock.advance(60)  # a new minute, a new budget
+    assert_refused(attempt.post(_forged_signature(attempt)), 403, "evidence_signature_invalid")
+    assert len(refusals_in(tenant)) == 4

@@ -35,6 +35,9 @@ class Limits:
     token_max_validity_days: int = 365
     enrollment_batch_max: int = 256
     enrollment_queue_max: int = 4096
+    #: refused enrollments recorded as events, per claimed device, and in all for unclaimed devices
+    refusal_events_per_device_per_minute: int = 10
+    unattributed_refusal_events_per_minute: int = 120
     # the hub
     mqtt_max_packet_bytes: int = 256 * 1024 + 2048
     hub_max_connections: int = 20_000

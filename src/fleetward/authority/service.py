@@ -43,7 +43,7 @@ from fleetward.registry.service import device_in
 from fleetward.store import events as event_log
 from fleetward.store import trust
 from fleetward.store.database import Database
-from fleetward.store.events import Event, Severity
+from fleetward.store.events import Event, EventBudget, Severity
 from fleetward.store.parallel import ParallelMap
 from fleetward.store.schema import (
     certificate_authorities,
@@ -171,6 +171,8 @@ class AuthorityService:
         # A device id is the hash of its key, so a parsed key never goes stale.
         self._identity_key = functools.lru_cache(maxsize=65536)(load_public_key)
         self._lock = threading.Lock()
+        self._device_events = EventBudget(limits.refusal_events_per_device_per_minute)
+        self._unattributed_events = EventBudget(limits.unattributed_refusal_events_per_minute)
         #: Rung after a revocation commits: the hub ends the sessions it no longer trusts.
         self.trust_bell = trust_bell or TrustBell()
 
@@ -400,7 +402,8 @@ class AuthorityService:
                 if isinstance(draft, Refusal):
                     standing = standings.get(draft.device_id or "")
                     tenant_id = standing.tenant_id if standing else None
-                    recorded.append(self._refusal_event(now, draft.error, draft.device_id, tenant_id))
+                    if self._refusal_events_allowed(draft.device_id, tenant_id, now):
+                        recorded.append(self._refusal_event(now, draft.error, draft.device_id, tenant_id))
                     answers.append(draft.error)
                     continue
                 issued = draft.answer
@@ -608,6 +611,13 @@ class AuthorityService:
             )
         }
         return attestation.ReferencePolicy(references=references, floors=floors)
+
+    def _refusal_events_allowed(self, device_id: str | None, tenant_id: str | None, now: dt.datetime) -> bool:
+        """Within budget: per claimed device, and all together for requests no tenant claims (a stranger
+        can make up any number of device ids)."""
+        if tenant_id is None:
+            return self._unattributed_events.allow("unattributed", now)
+        return self._device_events.allow(device_id or "", now)
 
     @staticmethod
     def _refusal_event(

@@ -55,7 +55,7 @@ from fleetward.monitor.reports import ReportStore
 from fleetward.store import events as event_log
 from fleetward.store.batching import Batcher
 from fleetward.store.database import Database
-from fleetward.store.events import Event, Severity
+from fleetward.store.events import Event, EventBudget, Severity
 from fleetward.store.trust import TrustBell, TrustKind
 
 logger = logging.getLogger(__name__)
@@ -73,19 +73,19 @@ class SecurityEvents:
     def __init__(self, database: Database, clock: Clock, per_minute: int) -> None:
         self._db = database
         self._clock = clock
-        self._per_minute = per_minute
         self._pending: list[Event] = []
-        self._counts: dict[str, tuple[int, int]] = {}
-        self.suppressed = 0
+        self._budget = EventBudget(per_minute)
+        self._overflow = 0
+
+    @property
+    def suppressed(self) -> int:
+        return self._budget.suppressed + self._overflow
 
     def record(self, event: Event) -> None:
-        minute = int(self._clock.now().timestamp() // 60)
-        key = event.device_id or event.detail[:64]
-        seen_minute, count = self._counts.get(key, (minute, 0))
-        count = count + 1 if seen_minute == minute else 1
-        self._counts[key] = (minute, count)
-        if count > self._per_minute or len(self._pending) >= 10_000:
-            self.suppressed += 1
+        if not self._budget.allow(event.device_id or event.detail[:64], self._clock.now()):
+            return
+        if len(self._pending) >= 10_000:
+            self._overflow += 1
             return
         self._pending.append(event)
 
@@ -93,8 +93,6 @@ class SecurityEvents:
         if not self._pending:
             return
         batch, self._pending = self._pending, []
-        if len(self._counts) > 100_000:
-            self._counts.clear()
         try:
             await asyncio.to_thread(self._write, batch)
         except FleetwardError as error:

@@ -91,3 +91,30 @@ def query(
         )
         for row in connection.execute(statement)
     ]
+
+
+class EventBudget:
+    """How many events one source may record per minute; the rest are counted, not written.
+
+    A refusal is recorded so that an operator sees it, but a device (or a stranger) that repeats a
+    refused request must not fill the event log. Sources are keyed (a device id, say); at most
+    ``max_keys`` are remembered, and forgetting them only ever lets more through.
+    """
+
+    def __init__(self, per_minute: int, *, max_keys: int = 100_000) -> None:
+        self._per_minute = per_minute
+        self._max_keys = max_keys
+        self._counts: dict[str, tuple[int, int]] = {}
+        self.suppressed = 0
+
+    def allow(self, key: str, now: dt.datetime) -> bool:
+        minute = int(now.timestamp() // 60)
+        seen_minute, count = self._counts.get(key, (minute, 0))
+        count = count + 1 if seen_minute == minute else 1
+        if len(self._counts) >= self._max_keys and key not in self._counts:
+            self._counts.clear()
+        self._counts[key] = (minute, count)
+        if count > self._per_minute:
+            self.suppressed += 1
+            return False
+        return True
