@@ -5,13 +5,15 @@ The supervisor starts every application through a small trampoline: the agent's 
 
 1. sets the resource limits (``RLIMIT_AS``, ``RLIMIT_NOFILE``, ``RLIMIT_NPROC``, ``RLIMIT_CPU`` from the
    configuration, ``RLIMIT_FSIZE`` = the storage quota, ``RLIMIT_CORE`` = 0), soft and hard alike;
-2. sets ``PR_SET_NO_NEW_PRIVS`` with ``prctl`` (through ctypes), so nothing the application executes can
+2. when the agent is root: enters the application's network namespace (``setns`` on the descriptor the
+   agent passed, which it then closes, and checks it is in; see :mod:`fleetward.agent.netns`);
+3. sets ``PR_SET_NO_NEW_PRIVS`` with ``prctl`` (through ctypes), so nothing the application executes can
    gain privileges (set-id binaries, file capabilities);
-3. when the agent is root: drops every supplementary group and becomes the application's own uid and
+4. when the agent is root: drops every supplementary group and becomes the application's own uid and
    gid, and checks that it cannot become root again;
-4. sets ``PR_SET_PDEATHSIG`` to ``SIGKILL`` (the application dies with the agent), restores the default
+5. sets ``PR_SET_PDEATHSIG`` to ``SIGKILL`` (the application dies with the agent), restores the default
    ``SIGPIPE`` and ``SIGXFSZ`` dispositions Python had ignored, and
-5. executes the entry point with the clean environment.
+6. executes the entry point with the clean environment.
 
 The trampoline switches the user itself (rather than before it starts) so that it can run the agent's
 interpreter, which the application's user may not be able to read. The process starts in a new session
@@ -47,6 +49,13 @@ try:
     for name, value in spec["rlimits"]:
         resource.setrlimit(getattr(resource, name), (value, value))
     libc = ctypes.CDLL(None, use_errno=True)
+    if spec["netns_fd"] is not None:
+        libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+        if libc.setns(spec["netns_fd"], 0x40000000) != 0:  # CLONE_NEWNET
+            fail("setns(CLONE_NEWNET): " + os.strerror(ctypes.get_errno()))
+        os.close(spec["netns_fd"])
+        if os.readlink("/proc/self/ns/net") != spec["netns"]:
+            fail("the network namespace did not change")
     libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
     if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
         fail("prctl(PR_SET_NO_NEW_PRIVS): " + os.strerror(ctypes.get_errno()))
@@ -77,10 +86,16 @@ except OSError as error:
 
 #: What no mode enforces yet, whatever the agent runs as.
 NOT_YET_ENFORCED = (
-    "AllowedConnections and the server ports: applications are not confined to them yet "
-    "(a network namespace and an allow-listing proxy will do it)",
     "Gpio, Uart, I2cMaster, SpiMaster, Adc, Pwm, PowerControls and DeviceAuthentication: no broker grants "
     "them yet, so an application reaches only the device files its user can open",
+)
+
+#: What is not enforced when applications share the agent's network namespace (the agent is not root).
+NETWORK_NOT_ENFORCED = (
+    "network: applications share the agent's network namespace; the proxy in HTTPS_PROXY still refuses "
+    "what AllowedConnections does not declare, but only to clients that use it: a direct connection to "
+    "any address is not stopped, and an application may listen on any port, not only its declared "
+    "server ports"
 )
 
 
@@ -211,11 +226,18 @@ class Enforcement:
 
     as_root: bool
     agent_uid: int
+    network_namespaces: bool = True
+
+    @property
+    def isolates_network(self) -> bool:
+        """Whether each application runs in a network namespace of its own (root, and not turned off)."""
+        return self.as_root and self.network_namespaces
 
     def not_enforced(self) -> tuple[str, ...]:
         """Plain statements of what is not enforced in this mode (logged when the supervisor starts)."""
+        network = () if self.isolates_network else (NETWORK_NOT_ENFORCED,)
         if self.as_root:
-            return NOT_YET_ENFORCED
+            return (*network, *NOT_YET_ENFORCED)
         return (
             f"own user: every application runs as the agent's own user (uid {self.agent_uid}), so they can "
             "signal, trace and read one another and the agent",
@@ -226,6 +248,7 @@ class Enforcement:
             "RLIMIT_NPROC: it counts every process of the agent's user, not the application's alone",
             "leftover processes: only the application's process group is killed when it stops; a process "
             "that left the group survives",
+            *network,
             *NOT_YET_ENFORCED,
         )
 

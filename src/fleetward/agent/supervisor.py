@@ -3,7 +3,11 @@
 ``async with Supervisor(config, report=…) as supervisor: await supervisor.start(launched_app)`` runs a
 :class:`~fleetward.agent.launch.LaunchedApp` (only measured launch makes one) as its own process, confined
 as :mod:`fleetward.agent.sandbox` describes, with its storage directory as working directory and the tail
-of its standard output and error kept (the last ``error_tail_bytes`` of each).
+of its standard output and error kept (the last ``error_tail_bytes`` of each). Each run gets its own
+network (:func:`~fleetward.agent.netns.open_app_network`): as root, a namespace with only loopback and,
+with ``AllowedConnections``, the agent's allow-listing proxy inside it; the proxy's refusals go to the
+injected ``on_blocked`` and names are resolved by the injected ``resolver``. A run whose network cannot be
+made does not start (a crash, with the reason).
 
 When an application exits or is killed without the supervisor asking, a
 :class:`~fleetward.wire.reports.CrashReport` goes to the reporter, and the application is restarted after
@@ -36,6 +40,8 @@ from sys import executable
 from types import TracebackType
 
 from fleetward.agent.launch import LaunchedApp
+from fleetward.agent.netns import AppNetwork, open_app_network
+from fleetward.agent.proxy import OnBlocked, ProxyLimits, Resolver
 from fleetward.agent.reporting import Reporter
 from fleetward.agent.sandbox import (
     TRAMPOLINE,
@@ -138,6 +144,8 @@ class SupervisorConfig:
     first_app_uid: int = 200_000
     app_uid_count: int = 1000
     interpreter: Path = field(default_factory=lambda: Path(executable))
+    proxy: ProxyLimits = field(default_factory=ProxyLimits)
+    network_namespaces: bool = True  # as root: each application in a network namespace of its own
 
     def __post_init__(self) -> None:
         if not 0 < self.error_tail_bytes <= MAX_ERROR_TAIL_CHARS:
@@ -237,11 +245,17 @@ class Supervisor:
         as_root: bool | None = None,
         clock: Clock | None = None,
         sleep: Sleep | None = None,
+        resolver: Resolver | None = None,
+        on_blocked: OnBlocked | None = None,
     ) -> None:
         self.config = config
         self.enforcement = Enforcement(
-            as_root=os.geteuid() == 0 if as_root is None else as_root, agent_uid=os.geteuid()
+            as_root=os.geteuid() == 0 if as_root is None else as_root,
+            agent_uid=os.geteuid(),
+            network_namespaces=config.network_namespaces,
         )
+        self._resolver = resolver
+        self._on_blocked = on_blocked
         self._identities = identities or UidRangeIdentities(
             config.storage_dir / ".uids.json", first_uid=config.first_app_uid, count=config.app_uid_count
         )
@@ -415,12 +429,28 @@ class Supervisor:
         self, handle: AppHandle, identity: AppIdentity | None, stop: asyncio.Event
     ) -> tuple[int, StorageUsage | None]:
         """Run the application once; return its return code, and the usage if it went over quota."""
+        app = handle.app
+        network: AppNetwork | None = None
         try:
-            child = await self._spawn(handle, identity)
-        except OSError as error:  # the interpreter is missing, or the system is out of processes
+            network = await open_app_network(
+                app.component_id,
+                app.manifest.capabilities,
+                isolate=self.enforcement.isolates_network,
+                limits=self.config.proxy,
+                resolver=self._resolver,
+                on_blocked=self._on_blocked,
+            )
+            child = await self._spawn(handle, identity, network)
+        except OSError as error:  # no namespace or port, no interpreter, or the system is out of processes
+            if network is not None:
+                await network.close()
             handle._stderr = _Tail(self.config.error_tail_bytes)
             handle._stderr.data_received(f"fleetward: the application could not start: {error}\n".encode())
             return 127, None
+        except BaseException:
+            if network is not None:
+                await network.close()
+            raise
         await handle._set(AppState.RUNNING, child.process.pid)
         exited = asyncio.ensure_future(child.process.wait())
         stopping = asyncio.ensure_future(stop.wait())
@@ -438,7 +468,10 @@ class Supervisor:
             await asyncio.gather(stopping, watching, return_exceptions=True)
             if not exited.done():  # cancelled from outside: never leave the child behind
                 await self._terminate(child.process, exited)
-            await self._clean_up(child, identity)
+            try:
+                await self._clean_up(child, identity)
+            finally:
+                await network.close()
         return exited.result(), over_quota
 
     async def _watch_storage(self, app: LaunchedApp) -> StorageUsage | None:
@@ -478,7 +511,7 @@ class Supervisor:
         for transport in child.transports:
             transport.close()
 
-    async def _spawn(self, handle: AppHandle, identity: AppIdentity | None) -> _Child:
+    async def _spawn(self, handle: AppHandle, identity: AppIdentity | None, network: AppNetwork) -> _Child:
         app = handle.app
         storage = self._storage_path(app)
         environment = {
@@ -487,9 +520,11 @@ class Supervisor:
             "LANG": "C.UTF-8",
             "FLEETWARD_COMPONENT_ID": app.component_id,
             "FLEETWARD_STORAGE_DIR": str(storage),
+            **network.environment(),
         }
         if self.config.agent_socket is not None:
             environment["FLEETWARD_AGENT_SOCKET"] = str(self.config.agent_socket)
+        namespace = network.namespace
         spec = {
             "entry": str(app.entry_path),
             "env": environment,
@@ -499,6 +534,8 @@ class Supervisor:
             "uid": identity.uid if identity else None,
             "gid": identity.gid if identity else None,
             "agent_pid": os.getpid(),
+            "netns_fd": namespace.descriptor if namespace else None,
+            "netns": namespace.name if namespace else None,
         }
         loop = asyncio.get_running_loop()
         out_read, out_write = os.pipe2(os.O_CLOEXEC)
@@ -519,6 +556,7 @@ class Supervisor:
                 env={},
                 start_new_session=True,
                 umask=0o077,
+                pass_fds=(namespace.descriptor,) if namespace else (),
             )
         except BaseException:
             os.close(out_read)
