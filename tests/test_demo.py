@@ -1,7 +1,8 @@
-"""The main job (README's first command) runs the whole story on the embedded default."""
+"""The main job (README's first command) runs the whole story on the embedded default, with real agents."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,16 +10,18 @@ import sqlalchemy as sa
 
 from fleetward.sim.demo import run_demo
 from fleetward.store.database import Database
-from fleetward.store.schema import certificates, devices, events, telemetry
+from fleetward.store.schema import certificates, device_reports, devices, events, telemetry
 
 
-def test_the_demo_enrolls_its_devices_refuses_the_bad_ones_and_revokes_one(
+def test_the_demo_runs_agents_that_enroll_report_and_are_refused_once_revoked(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run_demo(devices=3, data_dir=tmp_path)
 
     shown = " ".join(capsys.readouterr().out.split())  # Rich wraps lines at 80 columns
-    assert "3 devices attested" in shown
+    assert "3 agents attested and earned certificates, and connected to the hub" in shown
+    assert "panel-003's agent was refused by the hub and asked the authority: device_revoked" in shown
+    assert "the cloud groups alike failures" in shown
     assert "device_unclaimed" in shown
     assert "measurement_below_floor" in shown
     assert "measurement_unknown" in shown
@@ -37,8 +40,26 @@ def test_the_demo_enrolls_its_devices_refuses_the_bad_ones_and_revokes_one(
             assert claimed == 5  # three panels, the outdated one and the tampered one
             assert len(issued) == 4  # three enrollments and one renewal
             assert sum(row.revoked_at is not None for row in issued) == 1
-            assert sorted(refusals) == ["device_unclaimed", "measurement_below_floor", "measurement_unknown"]
-            readings = connection.execute(sa.select(sa.func.count()).select_from(telemetry)).scalar_one()
-            assert readings == 3 * 20
+            assert sorted(refusals) == [
+                "device_revoked",  # the revoked panel's agent, asking again once the hub refused it
+                "device_unclaimed",
+                "measurement_below_floor",
+                "measurement_unknown",
+            ]
+            stored = connection.execute(sa.select(telemetry.c.properties)).scalars().all()
+            # at least once: a reading in flight when a renewal reconnects the link comes again, same $.mid
+            message_ids = {dict(json.loads(properties))["$.mid"] for properties in stored}
+            assert len(message_ids) == 3 * 20
+            kinds = connection.execute(sa.select(device_reports.c.kind)).scalars().all()
+            crashes = connection.execute(
+                sa.select(device_reports.c.signature, device_reports.c.device_id).where(
+                    device_reports.c.kind == "crash"
+                )
+            ).all()
+            assert len(crashes) == 2
+            assert len({row.signature for row in crashes}) == 1  # one problem, on two devices
+            assert len({row.device_id for row in crashes}) == 2
+            assert kinds.count("launch_refused") == 1
+            assert "security-baseline" in kinds
     finally:
         database.dispose()

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import typer
 
-from fleetward.cli import hub_commands, report_commands, resources
+from fleetward.cli import agent_commands, hub_commands, report_commands, resources
 from fleetward.cli.output import console, errors
 from fleetward.cli.profile import Profile, default_path
 from fleetward.cli.state import State, fail
@@ -240,6 +240,7 @@ def openapi(
 resources.register(app)
 hub_commands.register(app)
 report_commands.register(app)
+agent_commands.register(app)
 
 
 def main() -> None:

@@ -1,38 +1,56 @@
-"""The main job: fleetward on the embedded default, a solar farm's devices enrolling through the real flow.
+"""The main job: fleetward on the embedded default, and a solar farm's panels running the real agent.
 
-Everything goes over HTTPS to a real server on this machine: the operator's calls through the API client,
-the devices' attestation through the enrollment client. Nothing is faked but the devices' hardware.
+Everything goes over HTTPS and MQTT over mutual TLS to a real server on this machine: the operator's calls
+through the API client, and each panel is an :class:`~fleetward.agent.runtime.Agent` (in this process, with
+a software root of trust) that measures itself and a signed application package, attests, runs the
+application, and keeps its hub link (:mod:`fleetward.sim.story`). Nothing is faked but the hardware.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import hashlib
+import logging
 import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import httpx
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from rich.console import Console
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from fleetward.agent.mqtt import MqttClient
+import fleetward
+from fleetward.agent.config import agent_code_sha256
+from fleetward.agent.rot import SoftwareRootOfTrust
 from fleetward.api import schemas
-from fleetward.authority.service import RevocationReason
 from fleetward.client import FleetwardClient
 from fleetward.compose import build_services
 from fleetward.config import Settings
 from fleetward.errors import AttestationRefused
 from fleetward.server import BackgroundServer, free_port
 from fleetward.service_tls import ensure_service_tls
+from fleetward.sim.agents import (
+    INVERTER_BRIDGE,
+    PANEL_MONITOR,
+    PANEL_MONITOR_VERSION,
+    Publisher,
+    corrupt_installed_package,
+    inverter_bridge_package,
+    panel_monitor_package,
+    prepare_agent,
+    remove_agents,
+)
 from fleetward.sim.fleet import SimulatedDevice, image_digest, measurement
+from fleetward.sim.story import AgentStory
+from fleetward.sim.story import Panel as AgentPanel
 from fleetward.transport import trust
 from fleetward.wire.evidence import Measurement
 
@@ -41,6 +59,16 @@ console = Console()
 AGENT = ("fleetward-agent", "1.4.0")
 APP = ("panel-monitor", "2.1.0")
 OLD_APP = ("panel-monitor", "1.9.0")
+#: what the demo's agents run with: short intervals, so that a baseline and a restart come within seconds
+DEMO_AGENT_VALUES: dict[str, object] = {
+    "intervals.telemetry_seconds": 0,
+    "intervals.baseline_seconds": 1.0,
+    "intervals.baseline_sample_seconds": 0.25,
+    "intervals.status_seconds": 0.5,
+    "sandbox.restart_initial_backoff_seconds": 0.2,
+    "sandbox.restart_max_backoff_seconds": 1.0,
+    "sandbox.stop_grace_seconds": 1.0,
+}
 
 
 def run_demo(*, devices: int = 8, data_dir: Path | None = None, keep_serving: bool = False) -> None:
@@ -50,7 +78,7 @@ def run_demo(*, devices: int = 8, data_dir: Path | None = None, keep_serving: bo
 
 
 def _run(root: Path, count: int, keep_serving: bool) -> None:
-    console.rule("[bold]fleetward[/bold]: identity, attestation and 24-hour certificates")
+    console.rule("[bold]fleetward[/bold]: identity, attestation, 24-hour certificates, and the agent")
     tls = ensure_service_tls(root / "tls")
     port = free_port()
     settings = Settings.from_environment(
@@ -64,41 +92,137 @@ def _run(root: Path, count: int, keep_serving: bool) -> None:
     services = build_services(settings, create_master_key=True)
     _operator, token = services.registry.bootstrap("operator@solar.example", "Solar farm operator")
     console.print(f"Store: SQLite (WAL) at {settings.resolved_database_url.removeprefix('sqlite:///')}")
-    with BackgroundServer(services, port=port) as server:
-        console.print(f"API and authority: [bold]{server.url}[/bold] (TLS, service CA {tls.ca_file.name})\n")
-        with FleetwardClient(server.url, token, ca_file=tls.ca_file) as operator:
-            tenant_id, group_id = _set_up_tenant(operator)
-            fleet = [SimulatedDevice(f"panel-{n:03d}", _healthy_software()) for n in range(1, count + 1)]
-            extra = {
-                "stranger": SimulatedDevice("stranger", _healthy_software()),
-                "outdated": SimulatedDevice("outdated", (measurement(*AGENT), measurement(*OLD_APP))),
-                "tampered": SimulatedDevice(
-                    "tampered", (measurement(*AGENT), measurement(*APP, tampered=True))
-                ),
-            }
-            claim = schemas.DeviceClaim(
-                devices=[device.claim_item() for device in [*fleet, extra["outdated"], extra["tampered"]]],
-                group_id=group_id,
+    # the agents' state directories: applications run as their own users and must reach their images
+    farm = Path(tempfile.mkdtemp(prefix="fleetward-demo-agents-"))
+    farm.chmod(0o711)
+    try:
+        with BackgroundServer(services, port=port) as server, _agent_logs(farm / "agents.log"):
+            console.print(
+                f"API and authority: [bold]{server.url}[/bold] (TLS, service CA {tls.ca_file.name})"
             )
-            claimed = operator.post(f"/v1/tenants/{tenant_id}/devices/claim", claim, schemas.ClaimResponse)
-            console.print(f"Claimed [bold]{claimed.claimed}[/bold] devices into the Field Test group.\n")
-            asyncio.run(_enroll_fleet(server.url, tls.ca_file, fleet))
-            _show_fleet(fleet)
-            asyncio.run(_show_refusals(server.url, tls.ca_file, fleet[0], extra))
-            story = HubStory(operator, tenant_id, settings.hub_port, tls.ca_file, root / "devices")
-            asyncio.run(story.run(fleet))
-            _verify_with_openssl(operator, tenant_id, fleet, root)
-            _show_events(operator, tenant_id)
-            if keep_serving:
-                _serve_on(server.url, token, tenant_id, tls.ca_file)
-    services.close()
+            console.print(f"Agents' state directories and log: {farm}\n")
+            with FleetwardClient(server.url, token, ca_file=tls.ca_file) as operator:
+                tenant_id = _farm(operator, server.url, settings.hub_port, tls.ca_file, root, farm, count)
+                if keep_serving:
+                    _serve_on(server.url, token, tenant_id, tls.ca_file)
+    finally:
+        services.close()
+        remove_agents(farm)
+
+
+def _farm(
+    operator: FleetwardClient, url: str, hub_port: int, ca_file: Path, root: Path, farm: Path, count: int
+) -> str:
+    agent = Measurement(name="fleetward-agent", version=fleetward.__version__, sha256=agent_code_sha256())
+    tenant_id, group_id = _set_up_tenant(operator, agent)
+    publisher = Publisher.create(farm / "publisher")
+    panel_package = panel_monitor_package(tenant_id)
+    panel_sha256 = hashlib.sha256(panel_package).hexdigest()
+    published = publisher.publish(panel_package, farm / "published" / "panel-monitor-2.1.0.tar")
+    bridge_package = inverter_bridge_package()
+    bridge = publisher.publish(bridge_package, farm / "published" / "inverter-bridge-1.0.0.tar")
+    app = schemas.ReferenceValueItem(
+        component=PANEL_MONITOR, version=PANEL_MONITOR_VERSION, sha256=panel_sha256
+    )
+    operator.post(
+        f"/v1/tenants/{tenant_id}/reference-values",
+        schemas.ReferenceValuesAdd(values=[app]),
+        schemas.ReferenceValuesAdded,
+    )
+    panels: list[AgentPanel] = []
+    for number in range(1, count + 1):
+        packages = [(published, panel_sha256, PANEL_MONITOR_VERSION)]
+        if number == count:
+            packages.append((bridge, hashlib.sha256(bridge_package).hexdigest(), "1.0.0"))
+        name = f"panel-{number:03d}"
+        agent_settings = prepare_agent(
+            farm / name,
+            authority_url=url,
+            hub_port=hub_port,
+            ca_file=ca_file,
+            publisher=publisher,
+            packages=packages,
+            agent_values={
+                **DEMO_AGENT_VALUES,
+                "agent.sha256": agent.sha256,
+                # agents sharing a machine need disjoint uid ranges: an application's user is its own
+                "sandbox.first_app_uid": 200_000 + 100 * number,
+                "sandbox.app_uid_count": 100,
+            },
+        )
+        if number == count:  # its flash fails: this package no longer is what was installed
+            corrupt_installed_package(agent_settings, INVERTER_BRIDGE)
+        panels.append(AgentPanel(name, agent_settings))
+    extra = {
+        "stranger": SimulatedDevice("stranger", _healthy_software()),
+        "outdated": SimulatedDevice("outdated", (measurement(*AGENT), measurement(*OLD_APP))),
+        "tampered": SimulatedDevice("tampered", (measurement(*AGENT), measurement(*APP, tampered=True))),
+    }
+    identities = [
+        SoftwareRootOfTrust.load_or_create(panel.settings.state_dir / "identity.key") for panel in panels
+    ]
+    claim = schemas.DeviceClaim(
+        devices=[
+            *(
+                SimulatedDevice(panel.name, (), root_of_trust=rot).claim_item()
+                for panel, rot in zip(panels, identities, strict=True)
+            ),
+            extra["outdated"].claim_item(),
+            extra["tampered"].claim_item(),
+        ],
+        group_id=group_id,
+    )
+    claimed = operator.post(f"/v1/tenants/{tenant_id}/devices/claim", claim, schemas.ClaimResponse)
+    console.print(
+        f"Claimed [bold]{claimed.claimed}[/bold] devices into the Field Test group. Each panel runs the "
+        f"agent with panel-monitor {PANEL_MONITOR_VERSION} installed (signed, SHA-256 {panel_sha256[:16]}…); "
+        f"{panels[-1].name} also has inverter-bridge 1.0.0, whose package got corrupted on its flash.\n"
+    )
+    story = AgentStory(console, operator, tenant_id, panels)
+
+    async def live() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            await story.start(stack)
+            await _show_refusals(url, ca_file, extra)
+            await story.renew(panels[0])
+            await story.run_hub_story()
+            await story.revoke(panels[-1])
+            kept, revoked = panels[0], panels[-1]
+            certificates = [
+                (panel.name, panel.certificate_pem())
+                for panel in {kept.name: kept, revoked.name: revoked}.values()
+            ]
+            await asyncio.to_thread(_verify_with_openssl, operator, tenant_id, certificates, root)
+            console.print("Stopping the agents: applications first, then the hub links, then the outboxes.\n")
+
+    asyncio.run(live())
+    _show_events(operator, tenant_id)
+    return tenant_id
+
+
+@contextlib.contextmanager
+def _agent_logs(path: Path) -> Iterator[None]:
+    """The agents log to a file while the demo prints its story."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("fleetward.agent")
+    previous = logger.propagate, logger.level
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate, logger.level = previous
+        handler.close()
 
 
 def _healthy_software() -> tuple[Measurement, ...]:
     return (measurement(*AGENT), measurement(*APP))
 
 
-def _set_up_tenant(operator: FleetwardClient) -> tuple[str, str]:
+def _set_up_tenant(operator: FleetwardClient, agent: Measurement) -> tuple[str, str]:
     tenant = operator.post("/v1/tenants", schemas.TenantCreate(name="solar-farm"), schemas.TenantPublic)
     product = operator.post(
         f"/v1/tenants/{tenant.id}/products",
@@ -110,6 +234,9 @@ def _set_up_tenant(operator: FleetwardClient) -> tuple[str, str]:
         schemas.ReferenceValueItem(component=name, version=version, sha256=image_digest(name, version))
         for name, version in (AGENT, APP, OLD_APP)
     ]
+    values.append(
+        schemas.ReferenceValueItem(component=agent.name, version=agent.version, sha256=agent.sha256)
+    )
     operator.post(
         f"/v1/tenants/{tenant.id}/reference-values",
         schemas.ReferenceValuesAdd(values=values),
@@ -123,7 +250,10 @@ def _set_up_tenant(operator: FleetwardClient) -> tuple[str, str]:
     table = Table(title="Tenant solar-farm", title_justify="left", show_header=False)
     table.add_row("product", f"panel-controller with {len(product.device_groups)} default device groups")
     table.add_row(
-        "reference values", ", ".join(f"{name} {version}" for name, version in (AGENT, APP, OLD_APP))
+        "reference values",
+        f"the agent {agent.version} (its code's SHA-256), panel-monitor {PANEL_MONITOR_VERSION} (its signed "
+        "package's SHA-256); for the refusals below: "
+        + ", ".join(f"{name} {version}" for name, version in (AGENT, APP, OLD_APP)),
     )
     table.add_row("security floor", f"{APP[0]} ≥ 2.0.0")
     table.add_row("CA", "root (P-384) and issuing CA (P-256), keys sealed under the master key")
@@ -131,50 +261,7 @@ def _set_up_tenant(operator: FleetwardClient) -> tuple[str, str]:
     return tenant.id, field_test.id
 
 
-async def _enroll_fleet(url: str, ca_file: Path, fleet: list[SimulatedDevice]) -> None:
-    started = time.perf_counter()
-    async with httpx.AsyncClient(verify=trust(ca_file), timeout=30) as http:
-        with Progress(
-            TextColumn("devices attesting"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            console=console,
-            transient=True,
-        ) as progress:
-            task = progress.add_task("enroll", total=len(fleet))
-
-            async def one(device: SimulatedDevice) -> None:
-                await device.enroll(url, http)
-                progress.advance(task)
-
-            await asyncio.gather(*(one(device) for device in fleet))
-    elapsed = time.perf_counter() - started
-    console.print(
-        f"[green]✔[/green] {len(fleet)} devices attested and earned certificates in {elapsed * 1000:.0f} ms "
-        "(nonce → evidence signed by the identity key → verified → 24-hour certificate)\n"
-    )
-
-
-def _show_fleet(fleet: list[SimulatedDevice]) -> None:
-    table = Table(title="Operational certificates", title_justify="left")
-    for column in ("device", "device id", "serial", "valid until", "renew after"):
-        table.add_column(column)
-    for device in fleet:
-        assert device.credential is not None
-        issued = device.credential.issued
-        table.add_row(
-            device.name,
-            device.device_id[:16] + "…",
-            issued.serial[:16] + "…",
-            issued.not_after.strftime("%Y-%m-%d %H:%M"),
-            issued.renew_after.strftime("%Y-%m-%d %H:%M"),
-        )
-    console.print(table)
-
-
-async def _show_refusals(
-    url: str, ca_file: Path, renewing: SimulatedDevice, extra: dict[str, SimulatedDevice]
-) -> None:
+async def _show_refusals(url: str, ca_file: Path, extra: dict[str, SimulatedDevice]) -> None:
     table = Table(title="What the authority refused, and why", title_justify="left")
     table.add_column("device")
     table.add_column("code")
@@ -186,24 +273,17 @@ async def _show_refusals(
                 table.add_row(name, "[red]ISSUED[/red]", "this should not happen")
             except AttestationRefused as refused:
                 table.add_row(name, refused.code, refused.message)
-        before = renewing.credential.issued.serial if renewing.credential else ""
-        renewed = await renewing.enroll(url, http)
     console.print(table)
-    console.print(
-        f"Renewal is the same flow: {renewing.name} re-attested and got certificate "
-        f"{renewed.issued.serial[:16]}… (was {before[:16]}…)\n"
-    )
 
 
 def _verify_with_openssl(
-    operator: FleetwardClient, tenant_id: str, fleet: list[SimulatedDevice], root: Path
+    operator: FleetwardClient, tenant_id: str, certificates: list[tuple[str, str]], root: Path
 ) -> None:
-    victim, keeper = fleet[-1], fleet[0]
+    """Check the kept device's and the revoked device's certificates as any third party would."""
+    keeper, victim = certificates[0], certificates[-1]
     crl = x509.load_der_x509_crl(operator.get_bytes(f"/v1/tenants/{tenant_id}/crl"))
     number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    console.print(
-        f"The tenant's CRL (number {number}) lists {len(list(crl))} certificate(s): {victim.name}'s."
-    )
+    console.print(f"The tenant's CRL (number {number}) lists {len(list(crl))} certificate(s): {victim[0]}'s.")
     openssl = shutil.which("openssl")
     if openssl is None:
         console.print("[dim]openssl not found: skipping the third-party check[/dim]\n")
@@ -212,14 +292,11 @@ def _verify_with_openssl(
     folder = root / "verify"
     folder.mkdir(exist_ok=True)
     (folder / "chain.pem").write_bytes(chain)
-    crl_pem = crl.public_bytes(
-        encoding=__import__("cryptography").hazmat.primitives.serialization.Encoding.PEM
-    )
+    crl_pem = crl.public_bytes(encoding=serialization.Encoding.PEM)
     (folder / "crl.pem").write_bytes(crl_pem)
-    for device in (keeper, victim):
-        assert device.credential is not None
-        leaf = folder / f"{device.name}.pem"
-        leaf.write_text(device.credential.issued.certificate)
+    for name, certificate in dict.fromkeys((keeper, victim)):
+        leaf = folder / f"{name}.pem"
+        leaf.write_text(certificate)
         result = subprocess.run(  # noqa: S603 - fixed arguments, files we wrote
             [
                 openssl,
@@ -240,123 +317,8 @@ def _verify_with_openssl(
         verdict = (
             "[green]OK[/green]" if result.returncode == 0 else f"[red]refused: {', '.join(reasons)}[/red]"
         )
-        console.print(f"openssl verify -crl_check {device.name}'s certificate: {verdict}")
+        console.print(f"openssl verify -crl_check {name}'s certificate: {verdict}")
     console.print()
-
-
-class HubStory:
-    """The fleet on the hub: telemetry, a direct method, a desired property, a revocation ending a session."""
-
-    def __init__(
-        self, operator: FleetwardClient, tenant_id: str, hub_port: int, ca_file: Path, directory: Path
-    ) -> None:
-        self._operator = operator
-        self._tenant = tenant_id
-        self._port = hub_port
-        self._ca_file = ca_file
-        self._directory = directory
-        self.desired_seen: dict[str, str] = {}
-
-    async def run(self, fleet: list[SimulatedDevice]) -> None:
-        console.rule("the hub: MQTT over mutual TLS, in the Azure IoT Hub device dialect")
-        clients = [
-            device.hub_client("127.0.0.1", self._port, self._ca_file, self._directory) for device in fleet
-        ]
-        async with contextlib.AsyncExitStack() as stack:
-            for client in clients:
-                await stack.enter_async_context(client)
-                await client.subscribe("$iothub/methods/POST/#", "$iothub/twin/PATCH/properties/desired/#")
-            behaviours = [
-                asyncio.create_task(self._behave(device, client))
-                for device, client in zip(fleet, clients, strict=True)
-            ]
-            await self._stream_telemetry(fleet, clients)
-            await self._call_a_method(fleet[0])
-            await self._set_desired(fleet)
-            await self._revoke(fleet[-1], clients[-1])
-            for behaviour in behaviours:
-                behaviour.cancel()
-
-    async def _behave(self, device: SimulatedDevice, client: MqttClient) -> None:
-        """What a panel does with what the hub sends it: answer methods, take desired properties."""
-        while True:
-            message = await client.inbox.get()
-            if message.topic.startswith("$iothub/methods/POST/"):
-                request_id = message.topic.rpartition("$rid=")[2]
-                reading = {"panel": device.name, "power_watts": 310 + hash(device.name) % 40, "ok": True}
-                await client.publish(
-                    f"$iothub/methods/res/200/?$rid={request_id}", json.dumps(reading).encode()
-                )
-            elif message.topic.startswith("$iothub/twin/PATCH/properties/desired/"):
-                self.desired_seen[device.name] = message.payload.decode()
-
-    async def _stream_telemetry(self, fleet: list[SimulatedDevice], clients: list[MqttClient]) -> None:
-        per_device = 20
-        started = time.perf_counter()
-
-        async def send(device: SimulatedDevice, client: MqttClient) -> None:
-            for number in range(per_device):
-                body = json.dumps({"power_watts": 300 + number, "panel_temperature": 31.5}).encode()
-                topic = f"devices/{device.device_id}/messages/events/%24.ct=application%2Fjson&%24.ce=utf-8"
-                await client.publish(topic, body, qos=1)
-
-        await asyncio.gather(*(send(device, client) for device, client in zip(fleet, clients, strict=True)))
-        elapsed = time.perf_counter() - started
-        params: dict[str, str | int] = {"device_id": fleet[0].device_id, "limit": 1000}
-        stored = await asyncio.to_thread(
-            self._operator.get_list, f"/v1/tenants/{self._tenant}/telemetry", schemas.TelemetryPublic, params
-        )
-        total = per_device * len(fleet)
-        console.print(
-            f"[green]✔[/green] {len(fleet)} panels sent {total} readings with QoS 1 in "
-            f"{elapsed * 1000:.0f} ms, each acknowledged only once committed "
-            f"({len(stored)} stored for {fleet[0].name})"
-        )
-
-    async def _call_a_method(self, device: SimulatedDevice) -> None:
-        result = await asyncio.to_thread(
-            self._operator.post,
-            f"/v1/tenants/{self._tenant}/devices/{device.device_id}/methods/read_power",
-            schemas.MethodInvoke(payload={"unit": "W"}, timeout_seconds=10),
-            schemas.MethodResultPublic,
-        )
-        console.print(
-            f"[green]✔[/green] direct method read_power on {device.name}: "
-            f"status {result.status}, {result.payload}"
-        )
-
-    async def _set_desired(self, fleet: list[SimulatedDevice]) -> None:
-        pushed = 0
-        for device in fleet:
-            raw = await asyncio.to_thread(
-                self._operator.request_json,
-                "PATCH",
-                f"/v1/tenants/{self._tenant}/devices/{device.device_id}/twin/desired",
-                {"max_temperature": 75},
-            )
-            pushed += schemas.DesiredPatched.model_validate_json(raw).pushed
-        deadline = time.monotonic() + 5
-        while len(self.desired_seen) < len(fleet) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        console.print(
-            f"[green]✔[/green] desired property max_temperature=75 pushed to {pushed} connected panels; "
-            f"{len(self.desired_seen)} received it"
-        )
-
-    async def _revoke(self, victim: SimulatedDevice, client: MqttClient) -> None:
-        started = time.perf_counter()
-        answer = await asyncio.to_thread(
-            self._operator.post,
-            f"/v1/tenants/{self._tenant}/devices/{victim.device_id}/revoke",
-            schemas.Revoke(reason=RevocationReason.KEY_COMPROMISE),
-            schemas.RevokedDevice,
-        )
-        await asyncio.wait_for(client.closed.wait(), 5)
-        elapsed = time.perf_counter() - started
-        console.print(
-            f"[green]✔[/green] revoked {victim.name} ({answer.certificates_revoked} certificate on the CRL): "
-            f"the hub ended its live session {elapsed * 1000:.0f} ms after the request\n"
-        )
 
 
 def _show_events(operator: FleetwardClient, tenant_id: str) -> None:

@@ -1,0 +1,686 @@
+"""The agent as a running program: its composition root, and the order things start and stop in.
+
+``async with Agent(settings) as agent: await agent.run_until_signalled()`` runs one device:
+
+1. **lock** the state directory (``agent.lock``: one agent per state directory);
+2. **open the root of trust** and the **outbox** (``outbox.db``);
+3. **measured boot** (:mod:`fleetward.agent.boot`): the measurement log starts afresh (a TPM's PCR is
+   reset), the agent's own measurement first, then each installed application through measured launch; a
+   refused one is reported (``launch_refused``) and never started;
+4. **the renewer** keeps the operational credential (``credential.pem``) valid: with no valid credential it
+   attests at once, then renews at half-life, re-attests after an expiry, and retries with backoff; each
+   refusal by the authority is logged, reported in :meth:`Agent.status` and kept until a success;
+5. **the hub link** connects with the current credential as soon as there is one, and again after each
+   renewal; a connection the hub refuses (a revoked certificate, say) makes the renewer try at once (at
+   most once per ``limits.forced_renewal_cooldown_seconds``), so that the authority's reason is known;
+6. **the supervisor** runs the launched applications; their crashes, crash loops and quota breaches, and the
+   refused launches, go into the outbox as critical messages with the ``fleetward-report`` property;
+7. **loops**: a security baseline sampled every ``intervals.baseline_sample_seconds`` and reported every
+   ``intervals.baseline_seconds``, the agent's health telemetry every ``intervals.telemetry_seconds``, and
+   ``status.json`` with the applications' output logs every ``intervals.status_seconds``.
+
+Leaving the block (or SIGTERM/SIGINT in :meth:`Agent.run_until_signalled`) stops in the reverse order: the
+loops, the applications (their last reports land in the outbox), the hub link (after giving the hub up to
+``limits.shutdown_flush_seconds`` to take the outbox), the renewer, then the outbox, whose every message is
+on disk: nothing the agent acknowledged to a caller is lost, and what the hub has not acknowledged is sent
+again on the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import os
+import signal
+import ssl
+import time
+from collections.abc import Awaitable, Iterable, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import replace
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from fleetward.agent.app_api import AppApiServer, AppEndpoint, AppServices
+from fleetward.agent.app_cloud import CloudRouter
+from fleetward.agent.app_services import AppCredentialCopies, DirectoryUsage, SystemEvents
+from fleetward.agent.baseline import BaselineCollector
+from fleetward.agent.boot import Boot, measured_boot, open_root_of_trust, root_kind
+from fleetward.agent.config import AgentSettings, SoftwareRoot
+from fleetward.agent.credential import CredentialFile
+from fleetward.agent.dialect import MethodCall
+from fleetward.agent.enroll import EnrollmentClient, OperationalCredential
+from fleetward.agent.link import HubLink, LinkSettings, MethodResult
+from fleetward.agent.outbox import Outbox, OutboxLimits
+from fleetward.agent.peripherals import LinuxPeripherals, Peripherals, SimulatedPeripherals
+from fleetward.agent.renewal import Refusal, RenewalPolicy, Renewer
+from fleetward.agent.rot import AnyRootOfTrust, device_id_of
+from fleetward.agent.sandbox import ResourceLimits, UidRangeIdentities
+from fleetward.agent.status import (
+    AgentStatus,
+    AppStatus,
+    CertificateStatus,
+    LinkState,
+    LogKeeper,
+    OutboxState,
+    RefusalStatus,
+    StateLock,
+    write_status,
+)
+from fleetward.agent.supervisor import AppHandle, RestartPolicy, Supervisor, SupervisorConfig
+from fleetward.clock import Clock, SystemClock
+from fleetward.errors import FleetwardError, NotFound
+from fleetward.transport import trust
+from fleetward.wire.baseline import BASELINE_REPORT, REPORT_PROPERTY
+from fleetward.wire.reports import AgentReport
+
+logger = logging.getLogger(__name__)
+
+#: the direct method the agent answers itself (applications cannot register it)
+STATUS_METHOD = "fleetward.status"
+AGENT_METHODS = frozenset({STATUS_METHOD})
+REQUEST_TIMEOUT_SECONDS = 10.0
+JSON_PROPERTIES = (("$.ct", "application/json"), ("$.ce", "utf-8"))
+#: the property that marks the agent's own health telemetry
+HEALTH_PROPERTY = ("fleetward-agent", "health")
+
+
+class CredentialTls:
+    """The hub link's TLS identity: the credential file (key, certificate, chain), read at every attempt."""
+
+    def __init__(self, credential_file: Path, ca_file: Path | None) -> None:
+        self._credential = credential_file
+        self._ca = ca_file
+
+    def tls_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=str(self._ca) if self._ca else None
+        )
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(str(self._credential))
+        return context
+
+
+class Agent:
+    """One device's agent; an async context manager (see the module's docstring for the order)."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        clock: Clock | None = None,
+        root_of_trust: AnyRootOfTrust | None = None,
+        http: httpx.AsyncClient | None = None,
+        proc: Path = Path("/proc"),
+        as_root: bool | None = None,
+        peripherals: Peripherals | None = None,
+    ) -> None:
+        self.settings = settings
+        self._clock = clock or SystemClock()
+        self._injected_root = root_of_trust
+        self._injected_http = http
+        self._as_root = as_root
+        self._collector = BaselineCollector(proc=proc)
+        self._peripherals: Peripherals = peripherals or (
+            SimulatedPeripherals() if settings.peripherals == "simulated" else LinuxPeripherals()
+        )
+        self._stack = AsyncExitStack()
+        self._root: AnyRootOfTrust | None = None
+        self._outbox: Outbox | None = None
+        self._boot: Boot | None = None
+        self._renewer: Renewer | None = None
+        self._link: HubLink | None = None
+        self._link_started = False
+        self._supervisors: dict[str, Supervisor] = {}
+        self._servers: list[AppApiServer] = []
+        self._router: CloudRouter | None = None
+        self._app_services: AppServices | None = None
+        self._violations = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._logs = LogKeeper(settings.logs_dir)
+        self._last_refusal: RefusalStatus | None = None
+        self._reports_sent = 0
+        self._reports_dropped = 0
+        self._report_times: collections.deque[float] = collections.deque()
+        self._forced_at: float | None = None
+        self._started_at = self._clock.now()
+        self._running = False
+        self._stopping = asyncio.Event()
+        self._status_changed = asyncio.Event()
+        self.device_id = ""
+
+    # ------------------------------------------------------------------ life
+
+    async def __aenter__(self) -> Agent:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._stack.aclose()
+
+    async def run_until_signalled(
+        self, signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT)
+    ) -> None:
+        """Run until one of ``signals`` arrives (or :meth:`stop`); leaving ``async with`` then shuts down."""
+        loop = asyncio.get_running_loop()
+        installed = []
+        for number in signals:
+            loop.add_signal_handler(number, self.stop)
+            installed.append(number)
+        try:
+            await self._stopping.wait()
+        finally:
+            for number in installed:
+                loop.remove_signal_handler(number)
+        logger.info("stopping")
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _start(self) -> None:
+        settings = self.settings
+        self._prepare_directories()
+        self._stack.enter_context(StateLock(settings.lock_file))
+        root = self._injected_root
+        if root is None:
+            root = await asyncio.to_thread(open_root_of_trust, settings.root_of_trust)
+        self._root = root
+        self.device_id = device_id_of(root)
+        if root.development_only:
+            logger.warning(
+                "the root of trust is for development only: whoever reads its key can be the device"
+            )
+        limits = OutboxLimits(
+            max_messages=settings.limits.outbox_max_messages, max_bytes=settings.limits.outbox_max_bytes
+        )
+        self._outbox = await asyncio.to_thread(Outbox.open, settings.state_dir, limits)
+        self._stack.push_async_callback(self._outbox.close)
+        self._stack.push_async_callback(self._final_status)
+        self._boot = await measured_boot(settings, root, report=self._report, clock=self._clock)
+
+        http = self._injected_http
+        if http is None:
+            http = httpx.AsyncClient(
+                verify=trust(settings.ca_file), timeout=settings.limits.http_timeout_seconds
+            )
+            self._stack.push_async_callback(http.aclose)
+        client = EnrollmentClient(settings.authority_url, root, http=http)
+        boot = self._boot
+
+        async def enroll() -> OperationalCredential:
+            return await client.enroll(boot.log.entries())
+
+        limits_ = settings.limits
+        self._renewer = Renewer(
+            enroll,
+            CredentialFile(settings.credential_file),
+            clock=self._clock,
+            policy=RenewalPolicy(
+                backoff_first_seconds=limits_.renewal_backoff_first_seconds,
+                backoff_cap_seconds=limits_.renewal_backoff_cap_seconds,
+                last_chance_seconds=limits_.renewal_last_chance_seconds,
+            ),
+            on_renewed=self._renewed,
+            on_refused=self._refused,
+            poll_seconds=limits_.renewal_poll_seconds,
+        )
+        self._link = HubLink(
+            LinkSettings(
+                device_id=self.device_id,
+                host=settings.hub.host,
+                port=settings.hub.port,
+                hub_name=settings.hub.name,
+                keep_alive_seconds=settings.hub.keep_alive_seconds,
+            ),
+            self._outbox,
+            CredentialTls(settings.credential_file, settings.ca_file),
+        )
+        self._stack.push_async_callback(self._renewer.__aexit__, None, None, None)
+        await self._renewer.__aenter__()
+        self._stack.push_async_callback(self._close_link)
+        if self._renewer.credential is not None:
+            await self._start_link()
+
+        await self._start_apps(self._boot)
+
+        self._spawn(self._watch_link(), "fleetward-agent-link-watch")
+        self._spawn(self._status_loop(), "fleetward-agent-status")
+        if settings.intervals.baseline_seconds > 0:
+            self._spawn(self._baseline_loop(), "fleetward-agent-baseline")
+        if settings.intervals.telemetry_seconds > 0:
+            self._spawn(self._health_loop(), "fleetward-agent-health")
+        self._stack.push_async_callback(self._stop_tasks)
+        self._running = True
+        await self._write_status()
+        logger.info(
+            "agent %s running: %d application(s) launched, %d refused",
+            self.device_id,
+            len(self._boot.launched),
+            len(self._boot.refused),
+        )
+
+    def _supervisor_config(self, socket_path: Path) -> SupervisorConfig:
+        settings = self.settings
+        sandbox = settings.sandbox
+        return SupervisorConfig(
+            storage_dir=settings.resolved_storage_dir,
+            resources=ResourceLimits(),
+            restart=RestartPolicy(
+                initial_backoff_seconds=sandbox.restart_initial_backoff_seconds,
+                max_backoff_seconds=sandbox.restart_max_backoff_seconds,
+                crash_loop_crashes=sandbox.crash_loop_crashes,
+                crash_loop_window_seconds=sandbox.crash_loop_window_seconds,
+            ),
+            stop_grace_seconds=sandbox.stop_grace_seconds,
+            error_tail_bytes=settings.limits.app_log_bytes,
+            first_app_uid=sandbox.first_app_uid,
+            app_uid_count=sandbox.app_uid_count,
+            agent_socket=socket_path,
+            network_namespaces=sandbox.network_namespaces,
+        )
+
+    def _prepare_directories(self) -> None:
+        settings = self.settings
+        state = settings.state_dir
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        inside = any(
+            path.is_relative_to(state)
+            for path in (settings.resolved_images_dir, settings.resolved_storage_dir)
+        )
+        # applications' own users traverse the state directory to reach their image and storage, and list
+        # nothing; every file of the agent's own is 0600
+        os.chmod(state, 0o711 if inside else 0o700)
+        for directory in (settings.logs_dir, settings.apps_dir):
+            directory.mkdir(exist_ok=True, mode=0o700)
+
+    def _spawn(self, work: Awaitable[None], name: str) -> None:
+        async def run() -> None:
+            try:
+                await work
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("%s failed", name)
+
+        self._tasks.append(asyncio.create_task(run(), name=name))
+
+    async def _stop_tasks(self) -> None:
+        self._running = False
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def _final_status(self) -> None:
+        self._running = False
+        try:
+            await self._write_status()
+        except (OSError, FleetwardError) as error:
+            logger.warning("the last status could not be written: %s", error)
+
+    # ------------------------------------------------------------------ the credential and the link
+
+    async def _start_link(self) -> None:
+        assert self._link is not None
+        if not self._link_started:
+            self._link_started = True
+            await self._link.__aenter__()
+
+    async def _close_link(self) -> None:
+        link, outbox = self._link, self._outbox
+        if link is None or not self._link_started or outbox is None:
+            return
+        if link.status.connected and (await outbox.stats()).messages:
+            with contextlib.suppress(FleetwardError):
+                await link.flush(timeout=self.settings.limits.shutdown_flush_seconds)
+        await link.close()
+
+    async def _renewed(self, credential: OperationalCredential) -> None:
+        self._last_refusal = None
+        tenant_id = credential.issued.tenant_id
+        if self._app_services is not None and self._app_services.tenant_id != tenant_id:
+            self._app_services = replace(self._app_services, tenant_id=tenant_id)
+            for server in self._servers:
+                server.services = self._app_services  # cloud operations need the tenant: known now
+        if self._link_started:
+            assert self._link is not None
+            self._link.reconnect()
+        else:
+            await self._start_link()
+        self._status_changed.set()
+
+    async def _refused(self, refusal: Refusal) -> None:
+        self._last_refusal = RefusalStatus(code=refusal.code, message=refusal.message, at=self._clock.now())
+        logger.error("the authority refused this device: %s (%s)", refusal.message, refusal.code)
+        self._status_changed.set()
+
+    async def _watch_link(self) -> None:
+        """A connection the hub refuses (CONNACK "not authorized") sends the renewer to the authority."""
+        assert self._link is not None
+        while not self._link_started:
+            await asyncio.sleep(0.05)
+        failures = self._link.status.failures
+        async for link_status in self._link.changes():
+            self._status_changed.set()
+            if link_status.failures == failures:
+                continue
+            failures = link_status.failures
+            if not (link_status.last_error or "").startswith("connect_refused"):
+                continue
+            now = time.monotonic()
+            cooldown = self.settings.limits.forced_renewal_cooldown_seconds
+            if self._forced_at is None or now - self._forced_at >= cooldown:
+                self._forced_at = now
+                logger.warning(
+                    "the hub refused the connection (%s): asking the authority", link_status.last_error
+                )
+                self.renew_now()
+
+    def renew_now(self) -> None:
+        """Renew (or re-attest) at once, whatever the schedule."""
+        if self._renewer is not None:
+            self._renewer.renew_now()
+
+    # ------------------------------------------------------------------ what goes to the cloud
+
+    async def send_telemetry(
+        self,
+        body: bytes,
+        properties: Mapping[str, str] | Iterable[tuple[str, str]] = (),
+        *,
+        critical: bool = False,
+    ) -> str:
+        """Queue telemetry (returns its message id once it is on disk); the link sends it, in order."""
+        if self._outbox is None:
+            raise RuntimeError("the agent is not running")
+        return await self._outbox.put(body, properties, critical=critical)
+
+    async def _report(self, report: AgentReport) -> None:
+        """A failure report: into the outbox as a critical message, at most ``reports_per_hour``."""
+        now = time.monotonic()
+        while self._report_times and now - self._report_times[0] >= 3600:
+            self._report_times.popleft()
+        if len(self._report_times) >= self.settings.limits.reports_per_hour:
+            self._reports_dropped += 1
+            logger.warning(
+                "report dropped (more than %d an hour): %s",
+                self.settings.limits.reports_per_hour,
+                report.kind,
+            )
+            return
+        self._report_times.append(now)
+        body = report.model_dump_json().encode()
+        try:
+            await self.send_telemetry(body, ((REPORT_PROPERTY, report.kind), *JSON_PROPERTIES), critical=True)
+        except FleetwardError as error:
+            self._reports_dropped += 1
+            logger.error("the %s report could not be queued: %s (%s)", report.kind, error.message, error.code)
+            return
+        self._reports_sent += 1
+        logger.info("reported %s of %s", report.kind, getattr(report, "component_id", "?"))
+        await self._keep_logs()
+        self._status_changed.set()
+
+    async def _baseline_loop(self) -> None:
+        intervals = self.settings.intervals
+        loop = asyncio.get_running_loop()
+        next_report = loop.time() + intervals.baseline_seconds
+        while True:
+            wait = min(intervals.baseline_sample_seconds, max(0.0, next_report - loop.time()))
+            await asyncio.sleep(wait)
+            try:
+                if loop.time() >= next_report:
+                    next_report += intervals.baseline_seconds
+                    await self.send_baseline()
+                else:
+                    await asyncio.to_thread(self._collector.sample)
+            except FleetwardError as error:
+                logger.warning("the security baseline failed: %s (%s)", error.message, error.code)
+
+    async def send_baseline(self) -> str:
+        """Report the security baseline since the last one, now."""
+        baseline = await asyncio.to_thread(self._collector.report, self._clock.now())
+        properties = ((REPORT_PROPERTY, BASELINE_REPORT), *JSON_PROPERTIES)
+        return await self.send_telemetry(baseline.model_dump_json().encode(), properties)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.intervals.telemetry_seconds)
+            status = await self.status()
+            body = {
+                "uptime_seconds": round((self._clock.now() - self._started_at).total_seconds(), 1),
+                "apps_running": sum(app.state == "running" for app in status.apps),
+                "apps_failed": sum(
+                    app.state in ("refused", "crash_loop", "storage_quota_exceeded") for app in status.apps
+                ),
+                "outbox_messages": status.outbox.messages,
+                "outbox_dropped": status.outbox.dropped,
+                "certificate_not_after": status.certificate.not_after.isoformat()
+                if status.certificate
+                else None,
+            }
+            try:
+                await self.send_telemetry(json.dumps(body).encode(), (HEALTH_PROPERTY, *JSON_PROPERTIES))
+            except FleetwardError as error:
+                logger.warning("the health telemetry could not be queued: %s", error.message)
+
+    # ------------------------------------------------------------------ the applications
+
+    async def _start_apps(self, boot: Boot) -> None:
+        """Each launched application: its API server (its own socket), then its supervisor, then the start."""
+        settings = self.settings
+        sandbox = settings.sandbox
+        assert self._outbox is not None
+        assert self._link is not None
+        assert self._renewer is not None
+        self._router = CloudRouter(
+            self._link, reserved_methods=AGENT_METHODS, request_timeout_seconds=REQUEST_TIMEOUT_SECONDS
+        )
+        self._link.on_method(STATUS_METHOD, self._status_method)
+        identities = UidRangeIdentities(
+            settings.resolved_storage_dir / ".uids.json",
+            first_uid=sandbox.first_app_uid,
+            count=sandbox.app_uid_count,
+        )
+        as_root = os.geteuid() == 0 if self._as_root is None else self._as_root
+        credential = self._renewer.credential
+        self._app_services = AppServices(
+            on_violation=self._violation,
+            tenant_id=credential.issued.tenant_id if credential else None,
+            telemetry=self._outbox,
+            cloud=self._router,
+            peripherals=self._peripherals,
+            storage=DirectoryUsage(settings.resolved_storage_dir),
+            certificates=(
+                AppCredentialCopies(settings.credential_file, settings.state_dir / "app-credentials")
+                if isinstance(settings.root_of_trust, SoftwareRoot)
+                else None
+            ),
+            events=SystemEvents(),
+        )
+        sockets = settings.state_dir / "sockets"
+        sockets.mkdir(mode=0o711, exist_ok=True)
+        os.chmod(sockets, 0o711)  # noqa: S103 - applications reach their own socket (0600) and list nothing
+        for app in boot.launched:
+            identity = await asyncio.to_thread(identities.identity_for, app.component_id) if as_root else None
+            socket_path = sockets / f"{app.component_id}.sock"
+            server = AppApiServer(
+                AppEndpoint(app.component_id, app.manifest.capabilities, socket_path, identity),
+                self._app_services,
+            )
+            await self._stack.enter_async_context(server)
+            self._servers.append(server)
+            supervisor = Supervisor(
+                self._supervisor_config(socket_path),
+                report=self._report,
+                identities=identities,
+                as_root=as_root,
+                clock=self._clock,
+                on_blocked=self._collector.blocked,
+            )
+            await self._stack.enter_async_context(supervisor)
+            self._supervisors[app.component_id] = supervisor
+            await supervisor.start(app)
+
+    def app(self, component_id: str) -> AppHandle:
+        """The supervised application ``component_id`` (``NotFound`` if it was not launched)."""
+        try:
+            return self._supervisors[component_id].handle(component_id)
+        except KeyError:
+            raise NotFound(f"no application {component_id} runs", code="app_not_found") from None
+
+    async def _violation(self, component_id: str, capability: str, detail: str | int | None) -> None:
+        self._violations += 1
+        logger.warning(
+            "application %s asked for %s%s, which its manifest does not declare",
+            component_id,
+            capability,
+            f" ({detail})" if detail is not None else "",
+        )
+        self._status_changed.set()
+
+    async def _status_method(self, call: MethodCall) -> MethodResult:
+        """The agent's own direct method: its status snapshot."""
+        status = await self.status()
+        return MethodResult(200, status.model_dump_json().encode())
+
+    # ------------------------------------------------------------------ status
+
+    @property
+    def boot(self) -> Boot:
+        if self._boot is None:
+            raise RuntimeError("the agent is not running")
+        return self._boot
+
+    async def status(self) -> AgentStatus:
+        """A snapshot: identity, certificate, link, outbox, applications, the authority's last refusal."""
+        root = self._root
+        credential = self._renewer.credential if self._renewer is not None else None
+        certificate = None
+        if credential is not None and self._renewer is not None:
+            issued = credential.issued
+            certificate = CertificateStatus(
+                serial=issued.serial,
+                tenant_id=issued.tenant_id,
+                not_before=issued.not_before,
+                not_after=issued.not_after,
+                renew_at=self._renewer.state.renew_at,
+            )
+        outbox = OutboxState()
+        if self._outbox is not None:
+            with contextlib.suppress(FleetwardError):
+                stats = await self._outbox.stats()
+                outbox = OutboxState(
+                    messages=stats.messages,
+                    bytes=stats.bytes,
+                    in_flight=stats.in_flight,
+                    dropped=stats.dropped,
+                )
+        link = LinkState()
+        if self._link is not None:
+            current = self._link.status
+            link = LinkState(
+                started=self._link_started,
+                connected=current.connected,
+                quarantined=current.quarantined,
+                connects=current.connects,
+                failures=current.failures,
+                sent=current.sent,
+                acknowledged=current.acknowledged,
+                last_error=current.last_error,
+            )
+        return AgentStatus(
+            running=self._running,
+            pid=os.getpid(),
+            updated_at=self._clock.now(),
+            started_at=self._started_at,
+            device_id=self.device_id or None,
+            root_of_trust=root_kind(root) if root is not None else None,
+            development_only=root.development_only if root is not None else None,
+            measurements=len(self._boot.log.entries()) if self._boot is not None else 0,
+            certificate=certificate,
+            link=link,
+            outbox=outbox,
+            reports_sent=self._reports_sent,
+            reports_dropped=self._reports_dropped,
+            violations=self._violations,
+            apps=self._app_statuses(),
+            last_refusal=self._last_refusal,
+        )
+
+    def _app_statuses(self) -> tuple[AppStatus, ...]:
+        if self._boot is None:
+            return ()
+        statuses = [
+            AppStatus(
+                component_id=refused.record.component_id,
+                version=refused.record.version,
+                image_sha256=refused.record.package_sha256,
+                state="refused",
+                reason=refused.code,
+                message=refused.message,
+            )
+            for refused in self._boot.refused
+        ]
+        for app in self._boot.launched:
+            state, pid, restarts = "pending", None, 0
+            if app.component_id in self._supervisors:
+                try:
+                    handle = self.app(app.component_id)
+                except NotFound:
+                    pass
+                else:
+                    state, pid, restarts = handle.state.value, handle.pid, handle.restart_count
+            statuses.append(
+                AppStatus(
+                    component_id=app.component_id,
+                    version=app.record.version,
+                    image_sha256=app.image_sha256,
+                    state=state,
+                    pid=pid,
+                    restart_count=restarts,
+                )
+            )
+        return tuple(sorted(statuses, key=lambda item: item.component_id))
+
+    async def _keep_logs(self) -> None:
+        if self._boot is None:
+            return
+        tails = []
+        for app in self._boot.launched:
+            try:
+                handle = self.app(app.component_id)
+            except NotFound:
+                continue
+            tails.append((app.component_id, handle.output_tail(), handle.error_tail()))
+
+        def keep() -> None:
+            for tail in tails:
+                self._logs.keep(*tail)
+
+        await asyncio.to_thread(keep)
+
+    async def _write_status(self) -> None:
+        status = await self.status()
+        await self._keep_logs()
+        await asyncio.to_thread(write_status, self.settings.status_file, status)
+
+    async def _status_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._status_changed.wait(), self.settings.intervals.status_seconds)
+            self._status_changed.clear()
+            try:
+                await self._write_status()
+            except (OSError, FleetwardError) as error:
+                logger.warning("the status could not be written: %s", error)
