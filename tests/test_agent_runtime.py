@@ -385,3 +385,34 @@ async def test_the_authoritys_refusal_after_a_revocation_is_logged_and_shown_in_
     assert written is not None
     assert written.last_refusal is not None
     assert written.last_refusal.code == "device_revoked"
+
+
+OVERREACHER = """
+import json, os, socket, time
+connection = socket.socket(socket.AF_UNIX)
+connection.connect(os.environ["FLEETWARD_AGENT_SOCKET"])
+frames = connection.makefile("rwb")
+frames.readline()  # the hello
+frames.write(b'{"id": 1, "op": "gpio.write", "args": {"pin": 5, "value": 1}}\\n')
+frames.flush()
+print(frames.readline().decode(), flush=True)
+while True:
+    time.sleep(0.2)
+"""
+
+
+async def test_an_application_using_an_undeclared_capability_is_refused_and_the_cloud_sees_it(
+    device: Device,
+) -> None:
+    device.claim()
+    device.install(OVERREACHER)
+    async with running(device.agent()) as agent:
+        reports = await eventually(
+            lambda: _matching(device.reports("capability_denied"), bool), what="the violation in the cloud"
+        )
+        status = await agent.status()
+    assert reports[0].component_id == COMPONENT
+    assert reports[0].headline == "Gpio not declared: 5"
+    assert status.violations == 1
+    stdout, _stderr = log_paths(device.state / "logs", COMPONENT)
+    assert '"capability_not_declared"' in stdout.read_text()

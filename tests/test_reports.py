@@ -242,3 +242,24 @@ def test_the_cli_lists_grouped_failures_downloads_them_and_shows_a_baseline(
     shown = run("device", "baseline", device.device_id)
     assert "listening  tcp 127.0.0.1:8080" in shown
     assert "in 2048 B / 4 packets" in shown
+
+
+def test_denied_capabilities_group_by_capability_and_detail() -> None:
+    def denied(capability: str, detail: str) -> bytes:
+        return json.dumps(
+            {
+                "kind": "capability_denied",
+                "component_id": COMPONENT,
+                "capability": capability,
+                "detail": detail,
+                "occurred_at": "2026-12-01T12:00:00Z",
+            }
+        ).encode()
+
+    first = parse_report("capability_denied", denied("AllowedConnections", "evil.example.com:443"))
+    again = parse_report("capability_denied", denied("AllowedConnections", "evil.example.com:443"))
+    other = parse_report("capability_denied", denied("Gpio", "5"))
+    assert first.signature == again.signature != other.signature
+    assert first.headline == "AllowedConnections not declared: evil.example.com:443"
+    with pytest.raises(InvalidInput):
+        parse_report("capability_denied", denied("Not a capability!", "x"))

@@ -76,7 +76,7 @@ from fleetward.clock import Clock, SystemClock
 from fleetward.errors import FleetwardError, NotFound
 from fleetward.transport import trust
 from fleetward.wire.baseline import BASELINE_REPORT, REPORT_PROPERTY
-from fleetward.wire.reports import AgentReport
+from fleetward.wire.reports import MAX_REASON_CHARS, AgentReport, CapabilityDeniedReport
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +141,8 @@ class Agent:
         self._app_services: AppServices | None = None
         self._violations = 0
         self._tasks: list[asyncio.Task[None]] = []
+        #: short-lived work started from callbacks (a blocked connection's report)
+        self._background: set[asyncio.Task[None]] = set()
         self._logs = LogKeeper(settings.logs_dir)
         self._last_refusal: RefusalStatus | None = None
         self._reports_sent = 0
@@ -316,6 +318,7 @@ class Agent:
 
     async def _stop_tasks(self) -> None:
         self._running = False
+        await asyncio.gather(*self._background, return_exceptions=True)  # reports reach the outbox
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -526,7 +529,7 @@ class Agent:
                 identities=identities,
                 as_root=as_root,
                 clock=self._clock,
-                on_blocked=self._collector.blocked,
+                on_blocked=self._blocked,
             )
             await self._stack.enter_async_context(supervisor)
             self._supervisors[app.component_id] = supervisor
@@ -540,6 +543,7 @@ class Agent:
             raise NotFound(f"no application {component_id} runs", code="app_not_found") from None
 
     async def _violation(self, component_id: str, capability: str, detail: str | int | None) -> None:
+        """An application was refused what its manifest does not declare: a security event for the cloud."""
         self._violations += 1
         logger.warning(
             "application %s asked for %s%s, which its manifest does not declare",
@@ -548,6 +552,23 @@ class Agent:
             f" ({detail})" if detail is not None else "",
         )
         self._status_changed.set()
+        await self._report(
+            CapabilityDeniedReport(
+                component_id=component_id,
+                capability=capability,
+                detail="" if detail is None else str(detail)[:MAX_REASON_CHARS],
+                occurred_at=self._clock.now(),
+            )
+        )
+
+    def _blocked(self, component_id: str, host: str, port: int) -> None:
+        """The proxy refused an application a connection: counted in the baseline, reported as a violation."""
+        self._collector.blocked(component_id, host, port)
+        task = asyncio.get_running_loop().create_task(
+            self._violation(component_id, "AllowedConnections", f"{host}:{port}")
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _status_method(self, call: MethodCall) -> MethodResult:
         """The agent's own direct method: its status snapshot."""

@@ -86,8 +86,8 @@ except OSError as error:
 
 #: What no mode enforces yet, whatever the agent runs as.
 NOT_YET_ENFORCED = (
-    "Gpio, Uart, I2cMaster, SpiMaster, Adc, Pwm, PowerControls and DeviceAuthentication: no broker grants "
-    "them yet, so an application reaches only the device files its user can open",
+    "device files: the application API grants only the declared Gpio, Uart, I2cMaster, SpiMaster, Adc and "
+    "Pwm, but nothing stops an application opening a device file its own user may open",
 )
 
 #: What is not enforced when applications share the agent's network namespace (the agent is not root).

@@ -28,6 +28,7 @@ from fleetward.store.schema import device_reports, devices
 from fleetward.wire.baseline import BASELINE_REPORT, MAX_BASELINE_BYTES, SecurityBaseline
 from fleetward.wire.reports import (
     AgentReport,
+    CapabilityDeniedReport,
     CrashLoopReport,
     CrashReport,
     LaunchRefusedReport,
@@ -37,7 +38,14 @@ from fleetward.wire.reports import (
 )
 
 #: the kinds a device may name in ``fleetward-report``: the failures of wire.reports, and the baseline
-ReportKind = Literal["crash", "crash_loop", "launch_refused", "storage_quota_exceeded", "security-baseline"]
+ReportKind = Literal[
+    "crash",
+    "crash_loop",
+    "launch_refused",
+    "storage_quota_exceeded",
+    "capability_denied",
+    "security-baseline",
+]
 REPORT_KINDS: tuple[str, ...] = get_args(ReportKind)
 MAX_FAILURE_REPORT_BYTES = 16 * 1024
 MAX_HEADLINE_CHARS = 200
@@ -139,6 +147,8 @@ def _failure_signature(report: AgentReport) -> str:
         return report.signature()
     if isinstance(report, LaunchRefusedReport):
         return _signature(report.kind, report.component_id, report.reason)
+    if isinstance(report, CapabilityDeniedReport):
+        return _signature(report.kind, report.component_id, report.capability, normalise_line(report.detail))
     return _signature(report.kind, report.component_id)
 
 
@@ -151,6 +161,8 @@ def _headline(report: AgentReport) -> str:
             return f"{report.crashes} crashes in {report.window_seconds:g} s: no longer restarted"
         case LaunchRefusedReport():
             return f"launch refused ({report.reason})"
+        case CapabilityDeniedReport():
+            return f"{report.capability} not declared" + (f": {report.detail}" if report.detail else "")
         case StorageQuotaReport():
             return f"storage over quota ({report.used_bytes} of {report.quota_bytes} bytes)"
 

@@ -150,6 +150,22 @@ class StorageQuotaReport(BaseModel):
     occurred_at: AwareDatetime
 
 
+class CapabilityDeniedReport(BaseModel):
+    """An application used what its manifest does not declare (an API operation, a peripheral, a
+    connection the proxy refused): it was refused, and this is the security event the cloud sees."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["capability_denied"] = "capability_denied"
+    component_id: ComponentId
+    capability: Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9]{0,63}$")]
+    detail: str = Field(
+        default="", max_length=MAX_REASON_CHARS, description="a pin, a host:port, an operation"
+    )
+    occurred_at: AwareDatetime
+
+
 AgentReport = Annotated[
-    CrashReport | CrashLoopReport | LaunchRefusedReport | StorageQuotaReport, Field(discriminator="kind")
+    CrashReport | CrashLoopReport | LaunchRefusedReport | StorageQuotaReport | CapabilityDeniedReport,
+    Field(discriminator="kind"),
 ]
