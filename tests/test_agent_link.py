@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import pytest
 from pydantic import RootModel
 
+from fleetward.agent.backoff import full_jitter
 from fleetward.agent.dialect import CloudMessage, MethodCall
 from fleetward.agent.link import (
     CertificateFiles,
@@ -29,7 +30,6 @@ from fleetward.agent.link import (
     LinkSettings,
     LinkStatus,
     MethodResult,
-    backoff_delay,
 )
 from fleetward.agent.outbox import Outbox, OutboxLimits
 from fleetward.api import schemas
@@ -395,9 +395,9 @@ def test_backoff_doubles_from_its_initial_delay_to_its_cap_with_full_jitter() ->
     def upper(low: float, high: float) -> float:
         return high
 
-    assert [backoff_delay(attempt, 1.0, 30.0, upper) for attempt in range(8)] == [1, 2, 4, 8, 16, 30, 30, 30]
-    assert backoff_delay(10_000, 1.0, 30.0, upper) == 30
-    draws = [backoff_delay(attempt, 1.0, 30.0, random.Random(attempt).uniform) for attempt in range(200)]  # noqa: S311
+    assert [full_jitter(attempt, 1.0, 30.0, upper) for attempt in range(8)] == [1, 2, 4, 8, 16, 30, 30, 30]
+    assert full_jitter(10_000, 1.0, 30.0, upper) == 30
+    draws = [full_jitter(attempt, 1.0, 30.0, random.Random(attempt).uniform) for attempt in range(200)]  # noqa: S311
     assert all(0 <= draw <= min(30.0, 2.0**attempt) for attempt, draw in enumerate(draws))
     assert len(set(draws)) == len(draws)
 

@@ -5,9 +5,10 @@ Hub form), and keeps it:
 
 - **connecting**: the TLS context comes from :class:`Credentials` at every attempt, so a renewed
   certificate is used on the next connection; :meth:`HubLink.reconnect` makes that connection now.
-  Failed attempts wait with exponential backoff and full jitter (:func:`backoff_delay`: a delay drawn
-  between 0 and ``min(cap, initial * 2**attempt)``); the attempt count starts again only after a connection
-  that lasted ``stable_after_seconds``, so a connection that keeps being dropped at once keeps backing off.
+  Failed attempts wait with exponential backoff and full jitter (:func:`~fleetward.agent.backoff.full_jitter`:
+  a delay drawn between 0 and ``min(cap, initial * 2**attempt)``); the attempt count starts again only
+  after a connection that lasted ``stable_after_seconds``, so a connection that keeps being dropped at
+  once keeps backing off.
 - **sending**: telemetry is drained from the :class:`~fleetward.agent.outbox.Outbox` in order, at QoS 1,
   at most ``inflight_window`` unacknowledged at once; a message leaves the outbox only when its PUBACK
   came. When the connection ends, what is in flight is sent again on the next one (at least once).
@@ -43,6 +44,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from fleetward.agent import dialect
+from fleetward.agent.backoff import Uniform, full_jitter
 from fleetward.agent.dialect import CloudMessage, DesiredPatch, Json, JsonObject, MethodCall, TwinResponse
 from fleetward.agent.mqtt import MqttClient
 from fleetward.agent.outbox import Outbox
@@ -59,13 +61,6 @@ from fleetward.hub import codec
 logger = logging.getLogger(__name__)
 
 Sleep = Callable[[float], Awaitable[None]]
-Uniform = Callable[[float, float], float]
-
-
-def backoff_delay(attempt: int, initial_seconds: float, max_seconds: float, uniform: Uniform) -> float:
-    """Full jitter: a delay uniform between 0 and ``min(max, initial * 2**attempt)``. Pure."""
-    ceiling = min(max_seconds, initial_seconds * 2.0 ** min(max(attempt, 0), 62))
-    return uniform(0.0, ceiling)
 
 
 class Credentials(Protocol):
@@ -445,7 +440,7 @@ class HubLink:
                 self._last_error = f"{error.code}: {error.message}"
                 logger.warning("could not connect to the hub (attempt %d): %s", attempt + 1, error)
                 self._changed()
-                await self._pause(backoff_delay(attempt, *self._backoff()))
+                await self._pause(full_jitter(attempt, *self._backoff()))
                 attempt += 1
                 continue
             connected_at = loop.time()
@@ -457,7 +452,7 @@ class HubLink:
                 continue
             if loop.time() - connected_at >= self._settings.stable_after_seconds:
                 attempt = 0
-            await self._pause(backoff_delay(attempt, *self._backoff()))
+            await self._pause(full_jitter(attempt, *self._backoff()))
             attempt += 1
 
     def _backoff(self) -> tuple[float, float, Uniform]:

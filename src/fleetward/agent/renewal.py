@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Protocol
 
+from fleetward.agent.backoff import full_jitter
 from fleetward.agent.credential import CredentialFile
 from fleetward.agent.enroll import OperationalCredential, renewal_time
 from fleetward.clock import Clock, SystemClock
@@ -103,8 +104,11 @@ def retry_delay(failures: int, policy: RenewalPolicy, rng: random.Random) -> dt.
     """Full jitter: uniform between 0 and ``first · 2^(failures-1)``, that bound capped."""
     if failures < 1:
         raise ValueError("a retry follows at least one failure")
-    bound = min(policy.backoff_cap_seconds, policy.backoff_first_seconds * 2.0 ** min(failures - 1, 64))
-    return dt.timedelta(seconds=rng.uniform(0, bound))
+    return dt.timedelta(
+        seconds=full_jitter(
+            failures - 1, policy.backoff_first_seconds, policy.backoff_cap_seconds, rng.uniform
+        )
+    )
 
 
 def fresh_state(issued: EnrollmentResponse | None, policy: RenewalPolicy, rng: random.Random) -> RenewalState:
