@@ -137,6 +137,8 @@ class AppServices:
     on_violation: ViolationRecorder
     #: the device's tenant: cloud operations need DeviceAuthentication naming it (None: not enrolled yet)
     tenant_id: str | None = None
+    #: where the tenant is read at each request instead, when it is learnt later (at enrollment)
+    tenant_source: Callable[[], str | None] | None = None
     telemetry: TelemetrySink | None = None
     cloud: CloudRouter | None = None
     peripherals: Peripherals | None = None
@@ -145,6 +147,9 @@ class AppServices:
     certificates: CertificateSource | None = None
     power: PowerControls | None = None
     events: SystemEvents | None = None
+
+    def current_tenant(self) -> str | None:
+        return self.tenant_source() if self.tenant_source is not None else self.tenant_id
 
 
 @dataclass
@@ -280,7 +285,7 @@ class AppApiServer:
 
     async def require_cloud(self, op: str) -> None:
         """Cloud operations: ``DeviceAuthentication`` naming the device's tenant."""
-        tenant = self.services.tenant_id
+        tenant = self.services.current_tenant()
         await self.require(op, Capability.DEVICE_AUTHENTICATION, tenant)
         if tenant is None:
             raise Conflict(

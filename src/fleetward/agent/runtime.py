@@ -39,7 +39,6 @@ import ssl
 import time
 from collections.abc import Awaitable, Iterable, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 
@@ -57,6 +56,7 @@ from fleetward.agent.enroll import EnrollmentClient, OperationalCredential
 from fleetward.agent.link import HubLink, LinkSettings, MethodResult
 from fleetward.agent.outbox import Outbox, OutboxLimits
 from fleetward.agent.peripherals import LinuxPeripherals, Peripherals, SimulatedPeripherals
+from fleetward.agent.proxy import Resolver
 from fleetward.agent.renewal import Refusal, RenewalPolicy, Renewer
 from fleetward.agent.rot import AnyRootOfTrust, device_id_of
 from fleetward.agent.sandbox import ResourceLimits, UidRangeIdentities
@@ -118,12 +118,15 @@ class Agent:
         proc: Path = Path("/proc"),
         as_root: bool | None = None,
         peripherals: Peripherals | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
         self.settings = settings
         self._clock = clock or SystemClock()
         self._injected_root = root_of_trust
         self._injected_http = http
         self._as_root = as_root
+        #: how the applications' proxies resolve host names (the system's resolver when None)
+        self._resolver = resolver
         self._collector = BaselineCollector(proc=proc)
         self._peripherals: Peripherals = peripherals or (
             SimulatedPeripherals() if settings.peripherals == "simulated" else LinuxPeripherals()
@@ -348,13 +351,13 @@ class Agent:
                 await link.flush(timeout=self.settings.limits.shutdown_flush_seconds)
         await link.close()
 
+    def _tenant(self) -> str | None:
+        """The device's tenant, once it has a certificate (the application API's cloud operations need it)."""
+        credential = self._renewer.credential if self._renewer is not None else None
+        return credential.issued.tenant_id if credential is not None else None
+
     async def _renewed(self, credential: OperationalCredential) -> None:
         self._last_refusal = None
-        tenant_id = credential.issued.tenant_id
-        if self._app_services is not None and self._app_services.tenant_id != tenant_id:
-            self._app_services = replace(self._app_services, tenant_id=tenant_id)
-            for server in self._servers:
-                server.services = self._app_services  # cloud operations need the tenant: known now
         if self._link_started:
             assert self._link is not None
             self._link.reconnect()
@@ -496,10 +499,9 @@ class Agent:
             count=sandbox.app_uid_count,
         )
         as_root = os.geteuid() == 0 if self._as_root is None else self._as_root
-        credential = self._renewer.credential
         self._app_services = AppServices(
             on_violation=self._violation,
-            tenant_id=credential.issued.tenant_id if credential else None,
+            tenant_source=self._tenant,
             telemetry=self._outbox,
             cloud=self._router,
             peripherals=self._peripherals,
@@ -529,6 +531,7 @@ class Agent:
                 identities=identities,
                 as_root=as_root,
                 clock=self._clock,
+                resolver=self._resolver,
                 on_blocked=self._blocked,
             )
             await self._stack.enter_async_context(supervisor)
