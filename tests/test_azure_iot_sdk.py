@@ -148,6 +148,7 @@ class SdkDevice:
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         self.transcript: list[str] = []
+        self._unclaimed: list[dict[str, Any]] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -165,7 +166,12 @@ class SdkDevice:
     def expect(
         self, step: str, where: Callable[[dict[str, Any]], bool] | None = None, timeout: float = STEP_SECONDS
     ) -> dict[str, Any]:
-        """The next line of ``step`` for which ``where`` holds, within ``timeout`` seconds."""
+        """The first line of ``step`` for which ``where`` holds, within ``timeout`` seconds. Lines read while
+        looking for another step wait for their own turn: the hub does not order a desired patch and a
+        cloud-to-device message that both wait for a reconnecting device."""
+        for index, said in enumerate(self._unclaimed):
+            if said.get("step") == step and (where is None or where(said)):
+                return self._unclaimed.pop(index)
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -186,8 +192,11 @@ class SdkDevice:
                 said = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(said, dict) and said.get("step") == step and (where is None or where(said)):
+            if not isinstance(said, dict):
+                continue
+            if said.get("step") == step and (where is None or where(said)):
                 return said
+            self._unclaimed.append(said)
 
     def tell(self, line: str) -> None:
         assert self.process.stdin is not None
