@@ -148,6 +148,24 @@ async def test_when_full_the_oldest_unsent_non_critical_messages_are_dropped_cou
         assert (await reopened.stats()).dropped == 2
 
 
+async def test_a_message_sent_before_a_lost_connection_is_not_dropped_so_every_drop_is_a_loss(
+    tmp_path: Path,
+) -> None:
+    """Rewound by a lost connection, "a" may already be stored by the hub: dropping it would count a loss
+    that perhaps is none, so room is made from messages never sent instead."""
+    async with Outbox.open(tmp_path, OutboxLimits(max_messages=3)) as outbox:
+        for body in (b"a", b"b", b"c"):
+            await outbox.put(body)
+        await outbox.take(1)  # "a" goes out, and its PUBACK never comes
+        await outbox.rewind()
+        await outbox.put(b"d")  # drops "b", not "a"
+        stats = await outbox.stats()
+        kept = await take_all(outbox)
+    assert [message.body for message in kept] == [b"a", b"c", b"d"]
+    assert kept[0].redelivery
+    assert stats.dropped == 1
+
+
 async def test_a_full_outbox_of_critical_messages_refuses_new_ones_with_outbox_full_and_drops_nothing(
     tmp_path: Path,
 ) -> None:

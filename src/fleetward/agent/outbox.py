@@ -19,8 +19,9 @@ agent at a time (an exclusive ``flock`` on ``outbox.db.lock``):
   non-critical** messages. Each one deleted counts as a drop; the count is kept in the database, and the
   message whose put caused drops carries the total so far as the property ``fleetward.dropped`` (a
   cumulative counter: the newest message is the last one a later drop would take, so the cloud sees the
-  latest total). Messages in flight are never dropped (the hub may have them already), and messages put
-  with ``critical=True`` never are: when no room can be made without dropping one of those, the put fails
+  latest total). Messages sent and not yet acknowledged are never dropped, in flight or rewound by a lost
+  connection (the hub may have them already, and a drop must be a loss), and messages put with
+  ``critical=True`` never are: when no room can be made without dropping one of those, the put fails
   with :class:`OutboxFull` and nothing is dropped.
 - **damage**: a database that is not SQLite, fails its ``quick_check``, or has an unknown schema is
   refused with :class:`OutboxCorrupt` and left untouched: the agent never deletes or re-creates a file
@@ -260,6 +261,8 @@ class _Database:
             "SELECT seq, size FROM messages WHERE seq > ? AND critical = 0 ORDER BY seq", (self.cursor,)
         )
         for seq, size in rows:
+            if seq in self._handed:  # sent since a lost connection rewound it: the hub may have it
+                continue
             victims.append((int(seq), int(size)))
             freed_bytes += int(size)
             if len(victims) >= need_count and freed_bytes >= need_bytes:
