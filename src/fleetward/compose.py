@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from fleetward.authority.keystore import KeyStore, MasterKeyStore, load_master_key
 from fleetward.authority.service import AuthorityService
+from fleetward.bus import Bus, bus_for
 from fleetward.clock import Clock, SystemClock
 from fleetward.config import Settings
 from fleetward.hub.store import HubStore
@@ -21,6 +22,8 @@ class Services:
     clock: Clock
     database: Database
     trust_bell: TrustBell
+    #: started and closed by the API's lifespan (it needs the server's event loop)
+    bus: Bus
     registry: RegistryService
     authority: AuthorityService
     hub_store: HubStore
@@ -36,11 +39,16 @@ def build_services(
     *,
     clock: Clock | None = None,
     keystore: KeyStore | None = None,
+    bus: Bus | None = None,
     create_master_key: bool = False,
     migrate: bool = True,
 ) -> Services:
-    """Open the store (migrating it to the newest schema) and wire the services to it."""
+    """Open the store (migrating it to the newest schema) and wire the services to it.
+
+    The bus is NATS when ``settings.bus_url`` names one, the in-process bus otherwise.
+    """
     clock = clock or SystemClock()
+    bus = bus or bus_for(settings.bus_url, max_outbound=settings.limits.bus_pending_messages)
     if keystore is None:
         master = load_master_key(
             settings.master_key_file,
@@ -57,6 +65,7 @@ def build_services(
         clock=clock,
         database=database,
         trust_bell=trust_bell,
+        bus=bus,
         registry=RegistryService(database, clock, settings.limits, trust_bell),
         authority=AuthorityService(
             database, keystore, clock, settings.limits, settings.resolved_public_url, trust_bell

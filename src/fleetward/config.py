@@ -62,6 +62,13 @@ class Limits:
     cloud_to_device_max_bytes: int = 64 * 1024
     cloud_to_device_default_ttl_seconds: int = 3600
     cloud_to_device_max_ttl_seconds: int = 48 * 3600
+    # the bus (between processes: NATS)
+    #: messages a bus subscription (a hub's device commands, a live stream) holds for its reader, and
+    #: publishes a process queues for NATS
+    bus_pending_messages: int = 10_000
+    #: how long a request on the bus (connection state, desired patch, takeover) waits for its answer; a
+    #: direct method waits this much longer than its own timeout
+    bus_request_timeout_milliseconds: int = 2000
 
     def __post_init__(self) -> None:
         for item in fields(self):
@@ -90,6 +97,8 @@ class Settings:
     port: int = 8443
     #: the hub's MQTT-over-TLS port; 0 turns the hub off
     hub_port: int = 8883
+    #: the bus between processes and nodes (``nats://host:4222``); none: the in-process bus, one process
+    bus_url: str | None = field(default=None, repr=False)
     tls_certificate: Path | None = None
     tls_private_key: Path | None = None
     #: base64 master key shared by several nodes; otherwise the key file in ``data_dir`` is used.
@@ -126,6 +135,7 @@ class Settings:
             "FLEETWARD_DATABASE_URL": self.database_url,
             "FLEETWARD_PUBLIC_URL": self.public_url,
             "FLEETWARD_MASTER_KEY": self.master_key,
+            "FLEETWARD_BUS_URL": self.bus_url,
             "FLEETWARD_TLS_CERTIFICATE": str(self.tls_certificate) if self.tls_certificate else None,
             "FLEETWARD_TLS_PRIVATE_KEY": str(self.tls_private_key) if self.tls_private_key else None,
         }
@@ -162,6 +172,8 @@ class Settings:
             from_env["public_url"] = env["FLEETWARD_PUBLIC_URL"]
         if "FLEETWARD_MASTER_KEY" in env:
             from_env["master_key"] = env["FLEETWARD_MASTER_KEY"]
+        if "FLEETWARD_BUS_URL" in env:
+            from_env["bus_url"] = env["FLEETWARD_BUS_URL"].strip() or None  # empty: the in-process bus
         for name in ("tls_certificate", "tls_private_key"):
             if f"FLEETWARD_{name.upper()}" in env:
                 from_env[name] = Path(env[f"FLEETWARD_{name.upper()}"])
@@ -178,4 +190,6 @@ class Settings:
             except ValueError:
                 raise ConfigurationError("FLEETWARD_PORT must be an integer") from None
         from_env.update({key: value for key, value in overrides.items() if value is not None})
+        if from_env.get("bus_url") == "":
+            from_env["bus_url"] = None
         return replace(settings, **from_env)  # type: ignore[arg-type]

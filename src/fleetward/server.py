@@ -44,19 +44,26 @@ def uvicorn_config(
 def serve(services: Services, *, log_level: str = "info", workers: int = 1) -> None:
     """Serve until interrupted, in this process or in ``workers`` processes sharing the port and store.
 
-    Workers share nothing but the store (and the master key): nonces are redeemed in the store, and
-    each worker group-commits its own enrollments.
+    Workers share the store (and the master key): nonces are redeemed in the store, and each worker
+    group-commits its own enrollments. With a shared bus (``bus_url``, NATS) each worker also runs a hub on
+    the same port (``SO_REUSEPORT``: the kernel spreads the devices' connections), and the bus carries
+    commands to whichever worker holds a device. Without one the workers run no hub (a warning says so):
+    the in-process bus cannot reach a device held by another process.
     """
     if workers <= 1:
         uvicorn.Server(uvicorn_config(services, log_level=log_level)).run()
         return
     settings = services.settings
-    if settings.hub_port:
-        # Direct methods and cloud-to-device messages reach a device through the process that holds its
-        # connection; until a bus routes them between processes, the hub lives in one process only.
-        logger.warning("with --workers %d the hub is off: run the hub in a single-process server", workers)
     os.environ.update(settings.to_environment())
-    os.environ["FLEETWARD_HUB_PORT"] = "0"
+    if not settings.bus_url:
+        os.environ.pop("FLEETWARD_BUS_URL", None)  # what this process runs with, not what it inherited
+        if settings.hub_port:
+            logger.warning(
+                "with --workers %d and no bus the hub is off: give --bus-url nats://… (FLEETWARD_BUS_URL) to "
+                "run it in every worker, or run it in a single-process server",
+                workers,
+            )
+            os.environ["FLEETWARD_HUB_PORT"] = "0"
     single = uvicorn_config(services, log_level=log_level)
     uvicorn.run(
         "fleetward.server:worker_app",

@@ -1,11 +1,12 @@
-"""The ASGI application: routes, limits, error format and the enrollment batcher's lifetime."""
+"""The ASGI application: routes, limits, error format, and the lifetime of what runs beside it (the bus,
+the enrollment batcher, the hub)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
 
@@ -21,9 +22,13 @@ from fleetward.api import (
 from fleetward.api.device_lane import DeviceLane
 from fleetward.api.limits import BodyLimit
 from fleetward.authority.service import EnrollmentWork
+from fleetward.bus import subjects
+from fleetward.bus.base import Bus
 from fleetward.compose import Services
 from fleetward.config import Limits
 from fleetward.errors import FleetwardError
+from fleetward.hub.feed import TelemetryFeed
+from fleetward.hub.routing import DeviceRouter
 from fleetward.hub.server import Hub, server_tls_context
 from fleetward.store.batching import Batcher
 from fleetward.wire.evidence import EnrollmentResponse
@@ -44,7 +49,19 @@ async def _purge_nonces(services: Services) -> None:
             logger.debug("purged %d expired nonces", purged)
 
 
-async def _start_hub(services: Services) -> Hub | None:
+def _announce_trust(services: Services, bus: Bus) -> Callable[[], None]:
+    """Publish ``trust`` on the bus whenever this process records a trust change, so that every hub (in
+    any process, on any node) reads the trust feed at once; returns the function that stops it."""
+    loop = asyncio.get_running_loop()
+
+    def rung() -> None:  # any thread
+        with contextlib.suppress(RuntimeError):  # the loop is closing: the hubs' polls still see it
+            loop.call_soon_threadsafe(bus.publish, subjects.TRUST, b"")
+
+    return services.trust_bell.listen(rung)
+
+
+async def _start_hub(services: Services, feed: TelemetryFeed) -> Hub | None:
     """The hub, if it has a port and TLS to serve with (it only speaks mutual TLS)."""
     settings = services.settings
     if not settings.hub_port:
@@ -61,6 +78,8 @@ async def _start_hub(services: Services) -> Hub | None:
         context,
         services.trust_bell,
         services.reports,
+        bus=services.bus,
+        feed=feed,
     )
     await hub.start(settings.host, settings.hub_port)
     logger.info("hub listening for devices on %s:%d (MQTT over mutual TLS)", settings.host, hub.port)
@@ -85,18 +104,31 @@ def create_app(services: Services | None, *, limits: Limits | None = None) -> Fa
             max_batch=limits.enrollment_batch_max,
             max_pending=limits.enrollment_queue_max,
         )
-        async with batcher:
-            app.state.enrollments = batcher
-            app.state.hub = await _start_hub(services)
-            purger = asyncio.create_task(_purge_nonces(services))
-            try:
-                yield
-            finally:
-                purger.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await purger
-                if app.state.hub is not None:
-                    await app.state.hub.stop()
+        bus = services.bus
+        try:
+            await bus.start()
+        except FleetwardError as error:
+            logger.error("fleetward cannot start: %s", error)
+            raise
+        stop_announcing = _announce_trust(services, bus)
+        try:
+            async with batcher:
+                app.state.enrollments = batcher
+                app.state.feed = TelemetryFeed(limits.telemetry_stream_buffer, bus)
+                app.state.router = DeviceRouter(bus, limits)
+                app.state.hub = await _start_hub(services, app.state.feed)
+                purger = asyncio.create_task(_purge_nonces(services))
+                try:
+                    yield
+                finally:
+                    purger.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await purger
+                    if app.state.hub is not None:
+                        await app.state.hub.stop()
+        finally:
+            stop_announcing()
+            await bus.close()
 
     app = FastAPI(
         title="fleetward",

@@ -1,5 +1,8 @@
 """Operator routes of the hub: connection state, twins, direct methods, cloud-to-device messages,
 telemetry (range queries and a live stream), quarantine.
+
+What needs the device's session goes over the bus (``hub/routing.py``) to whichever hub process holds it,
+this one or another; the live stream follows the bus too, so it sees the devices of every process.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ from fastapi.responses import StreamingResponse
 
 from fleetward.api import schemas
 from fleetward.api.deps import PrincipalDep, RegistryDep
+from fleetward.bus import subjects
+from fleetward.bus.base import check_token
 from fleetward.compose import Services
 from fleetward.errors import InvalidInput, ServerError
 from fleetward.hub import twin as twin_core
-from fleetward.hub.server import Hub
+from fleetward.hub.feed import TelemetryFeed
+from fleetward.hub.routing import DeviceRouter
 from fleetward.hub.store import CloudToDeviceMessage, TelemetryMessage
 from fleetward.hub.topics import check_method_name
 from fleetward.registry.models import Scope
@@ -34,11 +40,18 @@ def _services(request: Request) -> Services:
     return services
 
 
-def _hub(request: Request) -> Hub:
-    hub: Hub | None = getattr(request.app.state, "hub", None)
-    if hub is None:
-        raise ServerError("the hub is not running on this server", code="hub_off")
-    return hub
+def _router(request: Request) -> DeviceRouter:
+    router: DeviceRouter | None = getattr(request.app.state, "router", None)
+    if router is None:
+        raise ServerError("the bus is not running on this server", code="hub_off")
+    return router
+
+
+def _feed(request: Request) -> TelemetryFeed:
+    feed: TelemetryFeed | None = getattr(request.app.state, "feed", None)
+    if feed is None:
+        raise ServerError("the bus is not running on this server", code="hub_off")
+    return feed
 
 
 def _body_fields(body: bytes) -> dict[str, str | None]:
@@ -85,12 +98,10 @@ async def _device_in(
 async def connection(
     request: Request, tenant_id: str, device_id: str, principal: PrincipalDep
 ) -> schemas.ConnectionPublic:
-    """Whether the device holds a session with the hub now."""
+    """Whether the device holds a session with the hub now (with any hub process)."""
     await _device_in(request, principal, tenant_id, device_id, Scope.READ)
-    hub: Hub | None = getattr(request.app.state, "hub", None)
-    return schemas.ConnectionPublic(
-        device_id=device_id, connected=hub is not None and hub.is_connected(tenant_id, device_id)
-    )
+    connected = await _router(request).is_connected(tenant_id, device_id)
+    return schemas.ConnectionPublic(device_id=device_id, connected=connected)
 
 
 @router.get("/devices/{device_id}/twin")
@@ -121,8 +132,7 @@ async def patch_desired(
     services = _services(request)
     patch = twin_core.parse_patch(await request.body(), services.settings.limits.twin_max_bytes)
     half = await asyncio.to_thread(services.hub_store.patch_twin, tenant_id, device_id, patch, desired=True)
-    hub: Hub | None = getattr(request.app.state, "hub", None)
-    pushed = hub is not None and hub.desired_changed(tenant_id, device_id, half.version, patch)
+    pushed = await _router(request).desired_changed(tenant_id, device_id, half.version, patch)
     return schemas.DesiredPatched(device_id=device_id, version=half.version, pushed=pushed)
 
 
@@ -148,7 +158,7 @@ async def invoke_method(
     timeout = min(
         body.timeout_seconds or limits.method_default_timeout_seconds, limits.method_max_timeout_seconds
     )
-    result = await _hub(request).invoke_method(tenant_id, device_id, method_name, payload, timeout)
+    result = await _router(request).invoke_method(tenant_id, device_id, method_name, payload, timeout)
     answered: Any
     try:
         answered = json.loads(result.payload) if result.payload else None
@@ -178,9 +188,7 @@ async def send_message(
     message = await asyncio.to_thread(
         store.enqueue, tenant_id, device_id, content, tuple(body.properties.items()), body.ttl_seconds
     )
-    hub: Hub | None = getattr(request.app.state, "hub", None)
-    if hub is not None:
-        hub.cloud_to_device_queued(tenant_id, device_id)
+    _router(request).cloud_to_device_queued(tenant_id, device_id)
     return _message(message)
 
 
@@ -237,10 +245,16 @@ async def stream_telemetry(
 ) -> StreamingResponse:
     """Telemetry as it is committed, as server-sent events (``event: telemetry``); comments keep it alive."""
     principal.require(tenant_id, Scope.READ)
-    hub = _hub(request)
+    feed = _feed(request)
+    try:
+        subjects.telemetry(tenant_id)
+        if device_id is not None:
+            check_token(device_id, "device id")
+    except ValueError as error:
+        raise InvalidInput(str(error), code="bad_device_id") from None
 
     async def events() -> AsyncIterator[bytes]:
-        follow = hub.feed.follow(tenant_id, device_id)
+        follow = feed.follow(tenant_id, device_id)
         try:
             while True:
                 try:

@@ -151,8 +151,16 @@ def serve(
     workers: Annotated[
         int, typer.Option(min=1, max=64, help="Processes serving the same port and store (one per core).")
     ] = 1,
+    bus_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FLEETWARD_BUS_URL",
+            help="NATS (nats://host:4222) to share the hub's devices between processes and nodes.",
+            show_default="none: one process",
+        ),
+    ] = None,
 ) -> None:
-    """Run the API (authority, registry) until interrupted. TLS from the data directory if present."""
+    """Run the API (authority, registry) and the hub until interrupted. TLS from the data directory if any."""
     from dataclasses import replace
 
     from fleetward.compose import build_services
@@ -167,6 +175,7 @@ def serve(
         public_url=public_url,
         tls_certificate=tls_certificate,
         tls_private_key=tls_private_key,
+        bus_url=bus_url,
     )
     generated = paths(data_dir / "tls")
     if settings.tls_certificate is None and generated.certificate_file.exists():
@@ -177,8 +186,13 @@ def serve(
         services = build_services(settings)
     except FleetwardError as error:
         fail(str(error))
+    bus = ""
+    if settings.bus_url:
+        from fleetward.bus.natsbus import redact
+
+        bus = f", bus {redact(settings.bus_url)}"
     console.print(
-        f"fleetward serving at [bold]{settings.resolved_public_url}[/bold] ({services.database.dialect})"
+        f"fleetward serving at [bold]{settings.resolved_public_url}[/bold] ({services.database.dialect}{bus})"
     )
     try:
         run_server(services, log_level=log_level, workers=workers)

@@ -4,8 +4,10 @@ One :class:`DeviceConnection` per TCP connection. It reads packets as they compl
 the topic policy, and hands the work to the store: telemetry through a group-committing batcher (a QoS 1
 PUBLISH is acknowledged once its batch is committed), twins and cloud-to-device messages through worker
 threads. The :class:`Hub` holds the connections by device, ends them when trust ends (it follows the
-store's trust-change feed and is woken by the bell of its own process), and lets the API reach devices:
-direct methods, desired-property patches, cloud-to-device messages.
+store's trust-change feed, and is woken by the bell of its own process and by ``trust`` on the bus), and
+does for a connected device what the API asks through the bus (``routing.py``): direct methods,
+desired-property patches, cloud-to-device messages. Several hubs (processes, nodes) can share one port
+and one store when the bus is shared (NATS): each listens with ``SO_REUSEPORT``.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import json
 import logging
 import ssl
 from collections import deque
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, cast
 
 from cryptography import x509
 
+from fleetward.bus import subjects
+from fleetward.bus.base import Bus
+from fleetward.bus.local import LocalBus
 from fleetward.clock import Clock
 from fleetward.config import Limits
 from fleetward.errors import (
@@ -36,9 +40,10 @@ from fleetward.errors import (
     SecurityRefusal,
     TransportError,
 )
-from fleetward.hub import codec, topics
+from fleetward.hub import codec, routing, topics
 from fleetward.hub import twin as twin_core
 from fleetward.hub.feed import TelemetryFeed
+from fleetward.hub.routing import DeviceRoutes, MethodResult, SessionTaken
 from fleetward.hub.session import (
     Backlog,
     ConnectRefused,
@@ -59,12 +64,6 @@ from fleetward.store.events import Event, EventBudget, Severity
 from fleetward.store.trust import TrustBell, TrustKind
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class MethodResult:
-    status: int
-    payload: bytes
 
 
 class SecurityEvents:
@@ -142,6 +141,9 @@ class Hub:
         tls: ssl.SSLContext,
         trust_bell: TrustBell,
         reports: ReportStore | None = None,
+        *,
+        bus: Bus | None = None,
+        feed: TelemetryFeed | None = None,
     ) -> None:
         self.store = store
         self.reports = reports or ReportStore(database, clock)
@@ -151,7 +153,9 @@ class Hub:
         self.handshakes = 0
         self.anchors = TrustAnchors(tls)
         self.events = SecurityEvents(database, clock, limits.hub_security_events_per_minute)
-        self.feed = TelemetryFeed(limits.telemetry_stream_buffer)
+        self.bus: Bus = bus or LocalBus()
+        self.feed = feed or TelemetryFeed(limits.telemetry_stream_buffer, self.bus)
+        self.routes = DeviceRoutes(self, self.bus, limits)
         self.connections: dict[str, DeviceConnection] = {}
         self.saved_sessions: dict[str, frozenset[topics.Subscription]] = {}
         self.telemetry: Batcher[TelemetryMessage, TelemetryMessage] = Batcher(
@@ -184,10 +188,15 @@ class Hub:
             host,
             port,
             backlog=4096,
+            # Hubs that share a bus share the port too (the processes of ``serve --workers N``); alone, a
+            # second server on the same port fails to start instead of silently taking half the devices.
+            reuse_port=self.bus.shared,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._tasks = [
             asyncio.create_task(self._follow_trust(), name="hub-trust"),
+            asyncio.create_task(self._hear_trust(), name="hub-trust-bus"),
+            asyncio.create_task(self.routes.serve(), name="hub-routes"),
             asyncio.create_task(self._flush_events(), name="hub-events"),
         ]
 
@@ -201,6 +210,7 @@ class Hub:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.routes.close()
         await self.telemetry.__aexit__(None, None, None)
         await self.events.flush()
         if self._server is not None:
@@ -252,6 +262,12 @@ class Hub:
         """Look at the trust feed (and the tenants' CAs) now rather than at the next poll."""
         self._wake.set()
 
+    async def _hear_trust(self) -> None:
+        """``trust`` on the bus: another process recorded a trust change (or its tenant's CA may be new)."""
+        async with self.bus.subscribe(subjects.TRUST, max_pending=16) as heard:
+            async for _message in heard:
+                self._wake.set()
+
     async def _flush_events(self) -> None:
         while True:
             await asyncio.sleep(0.5)
@@ -274,7 +290,12 @@ class Hub:
 
     def _connected(self, tenant_id: str, device_id: str) -> DeviceConnection:
         connection = self.connections.get(device_id)
-        if connection is None or connection.identity is None or connection.identity.tenant_id != tenant_id:
+        if (
+            connection is None
+            or not connection.ready
+            or connection.identity is None
+            or connection.identity.tenant_id != tenant_id
+        ):
             raise NotFound("the device is not connected", code="device_offline")
         return connection
 
@@ -315,6 +336,7 @@ class Hub:
         connection = self.connections.get(device_id)
         if (
             connection is None
+            or not connection.ready
             or connection.identity is None
             or connection.identity.tenant_id != tenant_id
             or topics.Subscription.TWIN_DESIRED not in connection.subscriptions
@@ -346,6 +368,8 @@ class DeviceConnection(asyncio.Protocol):
         limits = hub.limits
         self.reader = codec.PacketReader(limits.mqtt_max_packet_bytes)
         self.identity: PeerIdentity | None = None
+        #: when the hub accepted its CONNECT (ns since the epoch): the newer of two connections stays
+        self.accepted_ns = 0
         self.mode = topics.AccessMode.FULL
         self.subscriptions: set[topics.Subscription] = set()
         self.transport: asyncio.Transport | None = None
@@ -520,6 +544,7 @@ class DeviceConnection(asyncio.Protocol):
                 self.hub.saved_sessions.pop(self.identity.device_id, None)
             else:
                 self.hub.saved_sessions[self.identity.device_id] = frozenset(self.subscriptions)
+            self.hub.routes.release_if_idle(self.identity.device_id)
 
     def pause_writing(self) -> None:
         self._writable = False
@@ -640,6 +665,11 @@ class DeviceConnection(asyncio.Protocol):
             )
 
     @property
+    def ready(self) -> bool:
+        """Its CONNECT is accepted (CONNACK sent) and it is not closing."""
+        return self._connected and not self._closing
+
+    @property
     def identity_id(self) -> str:
         assert self.identity is not None
         return self.identity.device_id
@@ -666,15 +696,40 @@ class DeviceConnection(asyncio.Protocol):
             return
         if self._closing:
             return
-        previous = self.hub.connections.get(identity.device_id)
+        hub = self.hub
+        try:  # the ids are known tenants' and hex (``identify``): this never refuses, but it may not widen
+            subjects.device(identity.tenant_id, identity.device_id)
+        except ValueError as error:
+            self.send(codec.ConnAck(codec.ConnectReturnCode.NOT_AUTHORIZED))
+            self._refuse(AccessRefused(f"the identity is not routable: {error}", code="certificate_unknown"))
+            return
+        accepted_ns = routing.now_ns()
+        handed: frozenset[topics.Subscription] | None = None
+        if not hub.routes.holds(identity.device_id):
+            # Another hub may hold the device's session (live, or saved): it ends it and hands it over.
+            try:
+                names = await hub.routes.take_over(identity.tenant_id, identity.device_id, accepted_ns)
+            except SessionTaken as taken:
+                self.end(taken.message, code=taken.code)
+                return
+            handed = routing.session_of(names) if names is not None else None
+            if self._closing:
+                return
+        previous = hub.connections.get(identity.device_id)
         if previous is not None and previous is not self:
             previous.end("a newer connection of the same device took over", code="session_taken_over")
-        self.hub.connections[identity.device_id] = self
+        hub.connections[identity.device_id] = self
+        self.accepted_ns = accepted_ns
         self._clean_session = connect.clean_session
-        saved = self.hub.saved_sessions.get(identity.device_id)
+        saved = hub.saved_sessions.get(identity.device_id, handed)
         session_present = not connect.clean_session and saved is not None
         if session_present and saved is not None:
             self.subscriptions = {item for item in saved if self._allowed(item)}
+        hub.routes.hold(identity.tenant_id, identity.device_id)
+        hub.routes.announce(identity.tenant_id, identity.device_id, accepted_ns)
+        await hub.routes.settled()  # the API reaches the device through the bus from the CONNACK on
+        if self._closing:
+            return
         self._connected = True
         self.send(codec.ConnAck(codec.ConnectReturnCode.ACCEPTED, session_present))
         loop = asyncio.get_running_loop()
