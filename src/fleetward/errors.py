@@ -26,6 +26,16 @@ Every error fleetward raises on purpose is a :class:`FleetwardError` and carries
         ├── ServerError              the server answered with an error that is not the caller's fault
         └── DeviceTimeout            a device did not answer in time (HTTP 504)
 
+Some parts subclass these for errors only they raise; each lives next to its raiser:
+
+    InvalidInput        ← agent.app_protocol.FrameRefused (a malformed frame on the application API)
+    Conflict            ← agent.peripherals.PeripheralBusy (a peripheral another connection holds)
+    TransportError      ← bus.base.NoResponders, bus.base.RequestTimedOut (nobody holds the device; no
+                          answer in time), agent.outbox.OutboxFull (nothing may be dropped to make room),
+                          agent.peripherals.PeripheralFailed (the device file failed)
+    FleetwardError      ← agent.outbox.OutboxCorrupt (the outbox file is damaged: never retried, never
+                          deleted), hub.routing.SessionTaken (a newer connection of the device took over)
+
 Third-party exceptions (SQLAlchemy, httpx, cryptography) are translated at the boundary of the module that
 uses the library; none of them escapes into the rest of fleetward.
 """
