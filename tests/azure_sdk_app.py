@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import ssl
 import threading
 import time
 from pathlib import Path
@@ -46,13 +45,15 @@ def say(step: str, **fields: Any) -> None:
         print(json.dumps({"step": step, **fields}), flush=True)
 
 
-def certificate_paths() -> tuple[str, str]:
-    """DeviceAuth_GetCertificatePath: the device's certificate and key, once the device has them."""
+def certificate_paths() -> tuple[str, str, str]:
+    """DeviceAuth_GetCertificatePath: the device's certificate and key (and the device id they name),
+    once the device has them."""
     deadline = time.monotonic() + ENROLLMENT_PATIENCE_SECONDS
     with AgentClient() as agent:
         while True:
             try:
-                paths: tuple[str, str] = agent.certificate_paths()
+                certificate, key = agent.certificate_paths()
+                paths = (certificate, key, agent.device_id())
             except AgentError as error:
                 waiting = error.code in ("device_not_enrolled", "device_credentials_unavailable")
                 if not waiting or time.monotonic() > deadline:
@@ -60,16 +61,6 @@ def certificate_paths() -> tuple[str, str]:
             else:
                 return paths
             time.sleep(0.1)
-
-
-def device_id_of(certificate: str) -> str:
-    """The certificate's common name, which is the device id for IoT Hub's X.509 authentication."""
-    decoded = ssl._ssl._test_decode_cert(certificate)  # type: ignore[attr-defined]
-    for attributes in decoded["subject"]:
-        for name, value in attributes:
-            if name == "commonName":
-                return str(value)
-    raise SystemExit(f"{certificate} has no common name")
 
 
 def proxy_options() -> ProxyOptions:
@@ -85,8 +76,7 @@ def main() -> None:
     parser.add_argument("--hostname", required=True, help="the IoT hub's host name")
     options = parser.parse_args()
 
-    certificate, key = certificate_paths()
-    device_id = device_id_of(certificate)
+    certificate, key, device_id = certificate_paths()
     say("paths", certificate=certificate, key=key, device_id=device_id, proxy=os.environ.get("MQTT_PROXY"))
 
     ca = Path(__file__).resolve().parent.parent / "certs" / "hub-ca.pem"

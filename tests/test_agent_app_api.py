@@ -187,7 +187,9 @@ class World:
             storage=self.storage,
             deferrals=self.deferrals,
             certificates=StaticCertificates(
-                CredentialPaths(Path("/run/fleetward/c/certificate.pem"), Path("/run/fleetward/c/key.pem"))
+                CredentialPaths(
+                    Path("/run/fleetward/c/certificate.pem"), Path("/run/fleetward/c/key.pem"), "d" * 64
+                )
             ),
             power=self.power,
             events=self.events,
@@ -803,7 +805,9 @@ def test_credential_copies_are_the_applications_alone_and_follow_a_renewal(world
     assert stat.S_IMODE(paths.key.parent.stat().st_mode) == 0o711
     renewed = self_signed()
     credential_file.write_bytes(encode_credential(renewed))
-    assert asyncio.run(copies.paths_for(COMPONENT, identity)) == paths
+    again = asyncio.run(copies.paths_for(COMPONENT, identity))
+    assert (again.certificate, again.key) == (paths.certificate, paths.key)  # the same paths, new content
+    assert (paths.device_id, again.device_id) == (first.issued.device_id, renewed.issued.device_id)
     assert paths.key.read_bytes() == renewed.key_pem()
     assert sorted(path.name for path in paths.key.parent.iterdir()) == ["certificate.pem", "key.pem"]
 

@@ -275,6 +275,10 @@ class AgentClient:
         result = self.call("device.certificate_paths")
         return str(result["certificate"]), str(result["key"])
 
+    def device_id(self) -> str:
+        """The device id the certificate names: what an IoT Hub SDK connects as (DeviceAuthentication)."""
+        return str(self.call("device.certificate_paths")["device_id"])
+
     def reboot(self) -> None:
         self.call("power.reboot")
 

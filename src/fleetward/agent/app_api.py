@@ -684,7 +684,9 @@ class _Connection:
         await self._server.require_cloud("device.certificate_paths")
         source = _available(self._server.services.certificates, "the device certificate")
         paths = await source.paths_for(self._component_id, self._server.endpoint.identity)
-        return protocol.CertificatePaths(certificate=str(paths.certificate), key=str(paths.key))
+        return protocol.CertificatePaths(
+            certificate=str(paths.certificate), key=str(paths.key), device_id=paths.device_id
+        )
 
     # --- operations: the device
 

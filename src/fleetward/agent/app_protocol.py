@@ -332,6 +332,7 @@ class Deferral(_Strict):
 class CertificatePaths(_Strict):
     certificate: str
     key: str
+    device_id: str
 
 
 class Hello(_Strict):

@@ -84,6 +84,8 @@ class UpdateDeferrals(Protocol):
 class CredentialPaths:
     certificate: Path
     key: Path
+    #: the identity the certificate names (its CN): what an IoT Hub SDK connects as
+    device_id: str = ""
 
 
 class CertificateSource(Protocol):
@@ -206,7 +208,9 @@ class AppCredentialCopies:
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
             raise ConfigurationError(f"{target} is not a directory of the agent's")
         os.chmod(target, 0o711)  # noqa: S103 - the application traverses it; nobody lists it
-        paths = CredentialPaths(certificate=target / "certificate.pem", key=target / "key.pem")
+        paths = CredentialPaths(
+            certificate=target / "certificate.pem", key=target / "key.pem", device_id=issued.device_id
+        )
         _replace_if_changed(paths.certificate, chain.encode("ascii"), identity)
         _replace_if_changed(paths.key, credential.key_pem(), identity)
         return paths
