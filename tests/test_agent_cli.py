@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner, Result
 
 from fleetward.agent.config import (
+    SCHEMA,
     AgentSettings,
     Pkcs11Root,
     SoftwareRoot,
@@ -127,6 +128,11 @@ def test_a_pkcs11_root_reads_its_pin_from_a_file_or_a_variable_never_from_the_co
         ({**MINIMAL, "agent.sha256": "XYZ"}, None, "64 lower-case hexadecimal"),
         ({**MINIMAL, "publisher_keys": ["missing.pem"]}, None, "cannot read the publisher key"),
         ({**MINIMAL, "peripherals": "magic"}, None, "linux or simulated"),
+        (
+            {**MINIMAL, "hub.reconnect_first_seconds": 600.0},
+            None,
+            "hub.reconnect_first_seconds exceeds hub.reconnect_max_seconds",
+        ),
         (None, 'authority_url = "https://x"\n[hub]\nhost = "h"\nbogus = 1\n', "unknown key 'hub.bogus'"),
         (None, 'authority_url = "https://x"\nhub = 3\n', "[hub] must be a table"),
         (None, "authority_url = ", "is not valid TOML"),
@@ -147,6 +153,7 @@ def test_a_pkcs11_root_reads_its_pin_from_a_file_or_a_variable_never_from_the_co
         "bad agent sha256",
         "publisher key missing",
         "unknown peripherals",
+        "reconnect backoff upside down",
         "unknown key",
         "section not a table",
         "not TOML",
@@ -163,6 +170,11 @@ def test_a_wrong_configuration_stops_the_agent_naming_the_key(
     with pytest.raises(ConfigurationError) as refused:
         AgentSettings.load(tmp_path, environ={})
     assert problem in refused.value.message
+
+
+def test_every_configuration_key_is_documented_in_operations() -> None:
+    documented = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
+    assert [key for key in SCHEMA if f"| `{key}` |" not in documented] == []
 
 
 def test_a_missing_configuration_says_to_run_init(tmp_path: Path) -> None:

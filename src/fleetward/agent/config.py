@@ -74,6 +74,8 @@ SCHEMA: dict[str, Key] = {
     "hub.port": Key("int", 8883, "the hub's MQTT-over-TLS port", 1, 65535),
     "hub.name": Key("str", None, "the hub name in the MQTT user name; hub.host if unset"),
     "hub.keep_alive_seconds": Key("int", 60, "MQTT keep-alive", 1, 1740),
+    "hub.reconnect_first_seconds": Key("float", 1.0, "first reconnect wait (full jitter)", 0.01, 3600),
+    "hub.reconnect_max_seconds": Key("float", 120.0, "longest wait between reconnects", 0.01, 86400),
     "root_of_trust.kind": Key("str", "software", "software (development only), tpm or pkcs11"),
     "root_of_trust.key_file": Key("path", "identity.key", "software: the key file; tpm: the TSS2 key file"),
     "root_of_trust.tcti": Key("str", None, "tpm: the TCTI, e.g. device:/dev/tpmrm0 or swtpm:port=2321"),
@@ -128,6 +130,8 @@ class HubSettings:
     port: int = 8883
     name: str | None = None
     keep_alive_seconds: int = 60
+    reconnect_first_seconds: float = 1.0
+    reconnect_max_seconds: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -388,6 +392,8 @@ def _build(state_dir: Path, values: dict[str, object], origin: Path) -> AgentSet
     publisher_keys = LaunchConfig.load_keys(tuple(_read_small(path, "publisher key") for path in keys_files))
     measurement = _agent_measurement(section("agent"), origin)
     hub = section("hub")
+    if float(hub["reconnect_first_seconds"]) > float(hub["reconnect_max_seconds"]):  # type: ignore[arg-type]
+        raise ConfigurationError(f"{origin}: hub.reconnect_first_seconds exceeds hub.reconnect_max_seconds")
     peripherals = get("peripherals")
     if peripherals not in ("linux", "simulated"):
         raise ConfigurationError(f"{origin}: peripherals is linux or simulated, not {peripherals!r}")

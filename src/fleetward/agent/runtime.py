@@ -246,6 +246,8 @@ class Agent:
                 port=settings.hub.port,
                 hub_name=settings.hub.name,
                 keep_alive_seconds=settings.hub.keep_alive_seconds,
+                backoff_initial_seconds=settings.hub.reconnect_first_seconds,
+                backoff_max_seconds=settings.hub.reconnect_max_seconds,
             ),
             self._outbox,
             CredentialTls(settings.credential_file, settings.ca_file),
