@@ -39,7 +39,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -65,6 +65,7 @@ from fleetward.agent.link import MethodResult
 from fleetward.agent.manifest import Capabilities, Capability, PowerControl
 from fleetward.agent.peripherals import Peripherals, UartPort
 from fleetward.agent.sandbox import AppIdentity
+from fleetward.bounds import check_positive
 from fleetward.errors import (
     CapabilityNotDeclared,
     ConfigurationError,
@@ -100,12 +101,7 @@ class AppApiLimits:
     close_timeout_seconds: float = 2.0
 
     def __post_init__(self) -> None:
-        for item in fields(self):
-            value = getattr(self, item.name)
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                raise TypeError(f"{item.name} must be a number")
-            if value <= 0:
-                raise ValueError(f"{item.name} must be positive, got {value}")
+        check_positive(self, "application API limit", fractional=lambda _name: True)
         if not 1024 <= self.max_frame_bytes <= protocol.MAX_FRAME_BYTES_CEILING:
             raise ValueError(f"max_frame_bytes is 1,024 to {protocol.MAX_FRAME_BYTES_CEILING:,}")
         if self.max_deferral_request_seconds > protocol.MAX_DEFERRAL_REQUEST_SECONDS:

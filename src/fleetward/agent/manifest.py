@@ -31,9 +31,10 @@ import ipaddress
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
+from fleetward.bounds import check_positive
 from fleetward.errors import CapabilityNotDeclared, InvalidInput, PayloadTooLarge
 
 SCHEMA_VERSION = 1
@@ -109,12 +110,7 @@ class ManifestLimits:
     max_mutable_storage_kb: int = 64 * 1024
 
     def __post_init__(self) -> None:
-        for item in fields(self):
-            value = getattr(self, item.name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"manifest limit {item.name} must be an int")
-            if value <= 0:
-                raise ValueError(f"manifest limit {item.name} must be positive, got {value}")
+        check_positive(self, "manifest limit")
 
 
 @dataclass(frozen=True)

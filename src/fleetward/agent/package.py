@@ -27,7 +27,7 @@ import re
 import stat
 import tarfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from fleetward.agent.manifest import Manifest, ManifestLimits, parse_manifest
+from fleetward.bounds import check_positive
 from fleetward.errors import FleetwardError, LaunchRefused
 from fleetward.wire.identity import SUPPORTED_CURVE
 
@@ -57,12 +58,7 @@ class PackageLimits:
     max_path_depth: int = 16
 
     def __post_init__(self) -> None:
-        for item in fields(self):
-            value = getattr(self, item.name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"package limit {item.name} must be an int")
-            if value <= 0:
-                raise ValueError(f"package limit {item.name} must be positive, got {value}")
+        check_positive(self, "package limit")
 
 
 @dataclass(frozen=True)

@@ -31,12 +31,13 @@ import logging
 import re
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
 
 from fleetward.agent.manifest import AllowedConnection, Capabilities, Capability
 from fleetward.agent.relay import Acceptor, close_stream, relay
+from fleetward.bounds import check_positive, seconds_may_be_fractions
 from fleetward.errors import (
     CapabilityNotDeclared,
     InvalidInput,
@@ -96,14 +97,7 @@ class ProxyLimits:
     max_addresses_tried: int = 4
 
     def __post_init__(self) -> None:
-        for item in fields(self):
-            value = getattr(self, item.name)
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                raise TypeError(f"proxy limit {item.name} must be a number")
-            if value <= 0:
-                raise ValueError(f"proxy limit {item.name} must be positive, got {value}")
-            if not item.name.endswith("_seconds") and not isinstance(value, int):
-                raise TypeError(f"proxy limit {item.name} must be an int")
+        check_positive(self, "proxy limit", fractional=seconds_may_be_fractions)
         if self.proxy_port > 65_535:
             raise ValueError("the proxy port is a number from 1 to 65535")
 

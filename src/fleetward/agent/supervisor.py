@@ -34,7 +34,7 @@ import os
 import signal
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from sys import executable
 from types import TracebackType
@@ -55,6 +55,7 @@ from fleetward.agent.sandbox import (
     measure_storage,
     prepare_storage,
 )
+from fleetward.bounds import check_positive
 from fleetward.clock import Clock, SystemClock
 from fleetward.errors import Conflict, NotFound
 from fleetward.wire.reports import MAX_ERROR_TAIL_CHARS, CrashLoopReport, CrashReport, StorageQuotaReport
@@ -76,12 +77,7 @@ class RestartPolicy:
     stable_after_seconds: float = 60.0
 
     def __post_init__(self) -> None:
-        for item in fields(self):
-            value = getattr(self, item.name)
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                raise TypeError(f"restart policy {item.name} must be a number")
-            if value <= 0:
-                raise ValueError(f"restart policy {item.name} must be positive, got {value}")
+        check_positive(self, "restart policy", fractional=lambda name: name != "crash_loop_crashes")
         if self.backoff_factor < 1:
             raise ValueError("the backoff factor must be at least 1")
         if self.max_backoff_seconds < self.initial_backoff_seconds:
