@@ -29,10 +29,10 @@ How the test is set up, and why:
   interpreter is reachable, or the tests do not run as root, the entry point names
   ``.venv-azure-iot/bin/python`` itself; as root without a system Python of the SDK's version, the agent
   runs in non-root mode (``as_root=False``), the application as the agent's user.
-- **The agent's own hub link.** The hub holds one connection per device (a newer one takes over, as IoT
-  Hub does), and the SDK connects with the device's identity; so the agent's own link is pointed at a port
-  where nothing listens, or the two would take the session from each other. A device whose application
-  talks to the hub itself has, for now, no way to turn the agent's link off.
+- **The agent's own hub link.** The hub holds one session per identity (a newer connection takes over, as
+  IoT Hub does), and the SDK connects with the device's identity; so the agent's own link connects as the
+  module ``fleetward-agent`` of the device (``hub.module``, docs/operations.md), to the same hub: both hold
+  their sessions at once, neither takes the other's over, and the agent's own reports still arrive.
 """
 
 from __future__ import annotations
@@ -87,6 +87,8 @@ M = TypeVar("M", bound=BaseModel)
 APP_SCRIPT = Path(__file__).with_name("azure_sdk_app.py")
 #: the name the application is told; only the agent's resolver knows it
 HUB_NAME = "hub.example"
+#: the module the agent's own link connects as, beside the application that holds the device identity
+AGENT_MODULE = "fleetward-agent"
 #: the port the SDK always dials
 HUB_PORT = 8883
 #: each of the application's steps, from the agent's start (enrollment, the SDK's connect) or a request
@@ -274,7 +276,9 @@ class Device:
             component_id=manifest.component_id, version="1.0.0", package_sha256=digest, package_path=path
         )
 
-    def agent(self, app: InstallRecord, hub: HubSettings, **options: Any) -> Agent:
+    def agent(
+        self, app: InstallRecord, hub: HubSettings, *, baseline_seconds: float = 0, **options: Any
+    ) -> Agent:
         settings = AgentSettings(
             state_dir=self.state,
             authority_url=self.hub.server.url,
@@ -285,7 +289,10 @@ class Device:
             apps=(app,),
             publisher_keys=(self.publisher.public_key(),),
             intervals=Intervals(
-                telemetry_seconds=0, baseline_seconds=0, baseline_sample_seconds=0.1, status_seconds=0.1
+                telemetry_seconds=0,
+                baseline_seconds=baseline_seconds,
+                baseline_sample_seconds=0.1,
+                status_seconds=0.1,
             ),
             # a crash leaves the application backing off, its error output kept for the failure message
             sandbox=SandboxSettings(restart_initial_backoff_seconds=60, restart_max_backoff_seconds=60),
@@ -387,7 +394,9 @@ async def test_a_stock_azure_iot_sdk_application_reaches_the_hub_as_the_device_w
 ) -> None:
     """Through the agent's proxy and resolver the SDK connects with the device's certificate; its
     telemetry arrives with its properties, it reads the twin, answers a direct method and receives a
-    cloud-to-device message."""
+    cloud-to-device message. Meanwhile the agent's own link holds the module session ``fleetward-agent``
+    of the same device on the same hub: neither session takes the other's over, and the agent's baseline
+    reports arrive."""
     panel = device(sdk_hub)
     tenant = sdk_hub.tenant.id
     patched = schemas.DesiredPatched.model_validate_json(
@@ -404,10 +413,14 @@ async def test_a_stock_azure_iot_sdk_application_reaches_the_hub_as_the_device_w
     entry_point = f"#!{app_python.interpreter}\n".encode() + APP_SCRIPT.read_bytes()
     files = with_appkit({"bin/app": entry_point, "certs/hub-ca.pem": sdk_hub.tls.ca_file.read_bytes()})
     record = panel.install(app_manifest, files)
-    nowhere = HubSettings(host="127.0.0.1", port=free_port())  # the agent's own link (see the docstring)
+    # the agent's own link: the same hub, as a module of the device (see the docstring)
+    own_link = HubSettings(host=hub_address, port=HUB_PORT, name=HUB_NAME, module=AGENT_MODULE)
     resolver = StaticResolver({HUB_NAME: [hub_address]})
+    agent_under_test = panel.agent(
+        record, own_link, baseline_seconds=0.5, resolver=resolver, as_root=app_python.as_root
+    )
 
-    async with running(panel.agent(record, nowhere, resolver=resolver, as_root=app_python.as_root)) as agent:
+    async with running(agent_under_test) as agent:
         handle = agent.app(COMPONENT)
         paths = await step(handle, "paths")
         credentials = panel.state / "app-credentials" / COMPONENT
@@ -430,9 +443,17 @@ async def test_a_stock_azure_iot_sdk_application_reaches_the_hub_as_the_device_w
         connection = await panel.get("/connection", schemas.ConnectionPublic)
         assert connection.connected
 
+        async def link_up() -> bool:
+            return (await agent.status()).link.connected
+
+        await eventually(link_up, what="the agent's own link up, as a module")
+        module = await panel.get(f"/modules/{AGENT_MODULE}/connection", schemas.ConnectionPublic)
+        assert (module.connected, module.module_id) == (True, AGENT_MODULE)
+
         await step(handle, "sent")
         stored = await panel.telemetry()
         assert [json.loads(item.body or "") for item in stored] == [{"temperature": 21.5}]
+        assert stored[0].module_id is None  # the application's, as the device
         assert stored[0].properties == {
             "$.mid": "sdk-app-1",
             "$.ct": "application/json",
@@ -471,7 +492,14 @@ async def test_a_stock_azure_iot_sdk_application_reaches_the_hub_as_the_device_w
             return any(message.id == queued.id and message.state == "completed" for message in messages)
 
         await eventually(completed, what="the cloud-to-device message completed")
+
+        async def baselines() -> list[schemas.ReportPublic]:
+            return await panel.reports("security-baseline")
+
+        await eventually(baselines, what="the agent's own baseline report, through its module session")
+        assert (await panel.get("/connection", schemas.ConnectionPublic)).connected
         status = await agent.status()
+    assert (status.link.connected, status.link.connects) == (True, 1)
     assert status.violations == 0
     assert status.apps[0].restart_count == 0
     await asyncio.sleep(0.7)  # the hub writes its security events every half second

@@ -191,6 +191,40 @@ def test_a_direct_method_called_through_server_b_is_answered_by_the_device_conne
     assert refused == (404, "device_offline")
 
 
+def test_a_method_for_a_module_called_through_server_b_reaches_the_module_on_hub_a_not_the_device_on_b(
+    cluster: Cluster, device: SimulatedDevice
+) -> None:
+    """Each session has its own subject: the module's session on hub A answers, although the device's own
+    session is held by hub B."""
+    module = "fleetward-agent"
+
+    def call(name: str) -> schemas.MethodResultPublic:
+        return cluster.b.tenant.client.post(
+            device_path(cluster.b, device, f"/modules/{module}/methods/{name}"),
+            schemas.MethodInvoke(payload={"delay": 1}, timeout_seconds=5),
+            schemas.MethodResultPublic,
+        )
+
+    async def run() -> None:
+        as_module = cluster.a.mqtt(
+            device,
+            identifier=f"{device.device_id}/{module}",
+            username=f"127.0.0.1/{device.device_id}/{module}/?api-version=2021-04-12",
+        )
+        async with (
+            as_module as on_a,
+            answering(on_a, "module on A"),
+            cluster.b.mqtt(device) as on_b,
+            answering(on_b, "device on B"),
+        ):
+            result = await asyncio.to_thread(call, "reboot")
+            assert (result.status, result.payload) == (200, {"by": "module on A", "echo": {"delay": 1}})
+            result = await asyncio.to_thread(invoke, cluster.a, device, "reboot", {"delay": 2})
+            assert (result.status, result.payload) == (200, {"by": "device on B", "echo": {"delay": 2}})
+
+    asyncio.run(run())
+
+
 def test_a_desired_patch_and_a_message_written_through_server_b_reach_the_device_on_hub_a(
     cluster: Cluster, device: SimulatedDevice
 ) -> None:

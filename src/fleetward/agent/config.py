@@ -32,7 +32,7 @@ import fleetward
 from fleetward.agent.launch import InstallRecord, LaunchConfig
 from fleetward.errors import ConfigurationError
 from fleetward.wire.evidence import Measurement
-from fleetward.wire.identity import SHA256_HEX_PATTERN
+from fleetward.wire.identity import SHA256_HEX_PATTERN, check_module_id
 from fleetward.wire.reports import COMPONENT_ID_PATTERN
 
 CONFIG_NAME = "agent.toml"
@@ -73,6 +73,9 @@ SCHEMA: dict[str, Key] = {
     "hub.host": Key("str", REQUIRED, "the hub's host name or address"),
     "hub.port": Key("int", 8883, "the hub's MQTT-over-TLS port", 1, 65535),
     "hub.name": Key("str", None, "the hub name in the MQTT user name; hub.host if unset"),
+    "hub.module": Key(
+        "str", None, "connect as this module of the device (e.g. fleetward-agent); unset: as the device"
+    ),
     "hub.keep_alive_seconds": Key("int", 60, "MQTT keep-alive", 1, 1740),
     "hub.reconnect_first_seconds": Key("float", 1.0, "first reconnect wait (full jitter)", 0.01, 3600),
     "hub.reconnect_max_seconds": Key("float", 120.0, "longest wait between reconnects", 0.01, 86400),
@@ -129,6 +132,8 @@ class HubSettings:
     host: str
     port: int = 8883
     name: str | None = None
+    #: the module the agent's link connects as (``{device}/{module}``); None: the device identity
+    module: str | None = None
     keep_alive_seconds: int = 60
     reconnect_first_seconds: float = 1.0
     reconnect_max_seconds: float = 120.0
@@ -394,6 +399,11 @@ def _build(state_dir: Path, values: dict[str, object], origin: Path) -> AgentSet
     hub = section("hub")
     if float(hub["reconnect_first_seconds"]) > float(hub["reconnect_max_seconds"]):  # type: ignore[arg-type]
         raise ConfigurationError(f"{origin}: hub.reconnect_first_seconds exceeds hub.reconnect_max_seconds")
+    if hub["module"] is not None:
+        try:
+            check_module_id(str(hub["module"]))
+        except ValueError as error:
+            raise ConfigurationError(f"{origin}: hub.module: {error}") from None
     peripherals = get("peripherals")
     if peripherals not in ("linux", "simulated"):
         raise ConfigurationError(f"{origin}: peripherals is linux or simulated, not {peripherals!r}")

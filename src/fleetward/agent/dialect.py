@@ -3,6 +3,7 @@
 Topic names the agent publishes to, and the typed records that what the hub publishes becomes::
 
     publish    devices/{id}/messages/events/{property bag}            telemetry (QoS 1)
+               devices/{id}/modules/{module}/messages/events/{bag}    telemetry, as a module session
                $iothub/twin/GET/?$rid={rid}                            ask for the twin
                $iothub/twin/PATCH/properties/reported/?$rid={rid}      report properties
                $iothub/methods/res/{status}/?$rid={rid}                answer a direct method
@@ -47,16 +48,25 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _METHOD_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
-def username(hub_name: str, device_id: str) -> str:
-    """The IoT Hub user name: ``{hub host}/{device id}/?api-version=…``."""
-    return f"{hub_name}/{device_id}/?api-version={API_VERSION}"
+def username(hub_name: str, device_id: str, module_id: str | None = None) -> str:
+    """The IoT Hub user name: ``{hub host}/{device id}/?api-version=…``, or for a module session
+    ``{hub host}/{device id}/{module id}/?api-version=…``."""
+    session = device_id if module_id is None else f"{device_id}/{module_id}"
+    return f"{hub_name}/{session}/?api-version={API_VERSION}"
+
+
+def client_id(device_id: str, module_id: str | None = None) -> str:
+    """The MQTT client id: the device id, or ``{device id}/{module id}`` for a module session."""
+    return device_id if module_id is None else f"{device_id}/{module_id}"
 
 
 def cloud_to_device_filter(device_id: str) -> str:
     return f"devices/{device_id}/messages/devicebound/#"
 
 
-def telemetry_topic(device_id: str, encoded_properties: str = "") -> str:
+def telemetry_topic(device_id: str, encoded_properties: str = "", module_id: str | None = None) -> str:
+    if module_id is not None:
+        return f"devices/{device_id}/modules/{module_id}/messages/events/{encoded_properties}"
     return f"devices/{device_id}/messages/events/{encoded_properties}"
 
 

@@ -57,6 +57,7 @@ from fleetward.errors import (
     TransportError,
 )
 from fleetward.hub import codec
+from fleetward.wire.identity import check_module_id
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,9 @@ class LinkSettings:
     port: int = 8883
     #: the host part of the user name (the hub's name); the host by default
     hub_name: str | None = None
+    #: connect as this module of the device (``{device}/{module}``), so that an application may hold the
+    #: device identity itself; None: as the device
+    module_id: str | None = None
     keep_alive_seconds: int = 60
     connect_timeout_seconds: float = 10.0
     backoff_initial_seconds: float = 1.0
@@ -117,6 +121,8 @@ class LinkSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.device_id, str) or not self.device_id:
             raise ValueError("a device id is required")
+        if self.module_id is not None:
+            check_module_id(self.module_id)
         for item in fields(self):
             value = getattr(self, item.name)
             if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
@@ -128,7 +134,11 @@ class LinkSettings:
 
     @property
     def username(self) -> str:
-        return dialect.username(self.hub_name or self.host, self.device_id)
+        return dialect.username(self.hub_name or self.host, self.device_id, self.module_id)
+
+    @property
+    def client_id(self) -> str:
+        return dialect.client_id(self.device_id, self.module_id)
 
 
 @dataclass(frozen=True)
@@ -484,7 +494,7 @@ class HubLink:
         client = MqttClient(
             settings.host,
             settings.port,
-            settings.device_id,
+            settings.client_id,
             context,
             username=settings.username,
             keep_alive_seconds=settings.keep_alive_seconds,
@@ -504,7 +514,7 @@ class HubLink:
             if codes[0] == codec.SUBACK_FAILURE:
                 raise TransportError("the hub refused the twin responses", code="subscribe_refused")
             session.quarantined = codes[2] == codec.SUBACK_FAILURE
-            if self._message_handler is not None and not session.quarantined:
+            if self._wants_messages and not session.quarantined:
                 await self._subscribe_messages(session)
         except FleetwardError as error:
             self._failures += 1
@@ -588,7 +598,9 @@ class HubLink:
                 continue
             for message in batch:
                 future = client.send_publish(
-                    dialect.telemetry_topic(self._settings.device_id, message.encoded_properties),
+                    dialect.telemetry_topic(
+                        self._settings.device_id, message.encoded_properties, self._settings.module_id
+                    ),
                     message.body,
                     dup=message.redelivery,
                 )
@@ -629,10 +641,15 @@ class HubLink:
             if code != codec.SUBACK_FAILURE:
                 logger.info("the hub has released this device from quarantine")
                 session.quarantined = False
-                if self._message_handler is not None:
+                if self._wants_messages:
                     await self._subscribe_messages(session)
                 session.spawn(self._drain(session), "fleetward-link-drain")
                 self._changed()
+
+    @property
+    def _wants_messages(self) -> bool:
+        """Cloud-to-device messages have a handler, and this is the device's session (a module has none)."""
+        return self._message_handler is not None and self._settings.module_id is None
 
     async def _subscribe_messages(self, session: _Session) -> None:
         (code,) = await session.client.subscribe(dialect.cloud_to_device_filter(self._settings.device_id))

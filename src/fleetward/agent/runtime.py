@@ -245,6 +245,7 @@ class Agent:
                 host=settings.hub.host,
                 port=settings.hub.port,
                 hub_name=settings.hub.name,
+                module_id=settings.hub.module or None,
                 keep_alive_seconds=settings.hub.keep_alive_seconds,
                 backoff_initial_seconds=settings.hub.reconnect_first_seconds,
                 backoff_max_seconds=settings.hub.reconnect_max_seconds,

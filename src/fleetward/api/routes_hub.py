@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import datetime as dt
+import functools
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -30,6 +31,7 @@ from fleetward.hub.routing import DeviceRouter
 from fleetward.hub.store import CloudToDeviceMessage, TelemetryMessage
 from fleetward.hub.topics import check_method_name
 from fleetward.registry.models import Scope
+from fleetward.wire.identity import check_module_id
 
 router = APIRouter(prefix="/v1/tenants/{tenant_id}", tags=["hub"])
 HEARTBEAT_SECONDS = 15.0
@@ -66,6 +68,7 @@ def _telemetry(message: TelemetryMessage) -> schemas.TelemetryPublic:
     return schemas.TelemetryPublic(
         id=message.id or None,
         device_id=message.device_id,
+        module_id=message.module_id,
         received_at=message.received_at,
         properties=dict(message.properties),
         **_body_fields(message.body),
@@ -94,14 +97,46 @@ async def _device_in(
     await asyncio.to_thread(_services(request).registry.get_device, principal, tenant_id, device_id)
 
 
+def _module(module_id: str | None) -> str | None:
+    """A module id from a path or a query, checked (400 ``module_id_invalid``)."""
+    if module_id is None:
+        return None
+    try:
+        return check_module_id(module_id)
+    except ValueError as error:
+        raise InvalidInput(str(error), code="module_id_invalid") from None
+
+
+_PATCH_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"type": "object", "additionalProperties": True}}},
+    }
+}
+
+
 @router.get("/devices/{device_id}/connection")
 async def connection(
     request: Request, tenant_id: str, device_id: str, principal: PrincipalDep
 ) -> schemas.ConnectionPublic:
     """Whether the device holds a session with the hub now (with any hub process)."""
+    return await _connection(request, tenant_id, device_id, principal, None)
+
+
+@router.get("/devices/{device_id}/modules/{module_id}/connection")
+async def module_connection(
+    request: Request, tenant_id: str, device_id: str, module_id: str, principal: PrincipalDep
+) -> schemas.ConnectionPublic:
+    """Whether the device's module holds a session with the hub now (with any hub process)."""
+    return await _connection(request, tenant_id, device_id, principal, _module(module_id))
+
+
+async def _connection(
+    request: Request, tenant_id: str, device_id: str, principal: PrincipalDep, module_id: str | None
+) -> schemas.ConnectionPublic:
     await _device_in(request, principal, tenant_id, device_id, Scope.READ)
-    connected = await _router(request).is_connected(tenant_id, device_id)
-    return schemas.ConnectionPublic(device_id=device_id, connected=connected)
+    connected = await _router(request).is_connected(tenant_id, device_id, module_id=module_id)
+    return schemas.ConnectionPublic(device_id=device_id, module_id=module_id, connected=connected)
 
 
 @router.get("/devices/{device_id}/twin")
@@ -109,31 +144,62 @@ async def get_twin(
     request: Request, tenant_id: str, device_id: str, principal: PrincipalDep
 ) -> schemas.TwinPublic:
     """The device twin: desired and reported properties, each with its $version."""
+    return await _get_twin(request, tenant_id, device_id, principal, None)
+
+
+@router.get("/devices/{device_id}/modules/{module_id}/twin")
+async def get_module_twin(
+    request: Request, tenant_id: str, device_id: str, module_id: str, principal: PrincipalDep
+) -> schemas.TwinPublic:
+    """A module's twin (the module's own desired and reported properties); empty until first written."""
+    return await _get_twin(request, tenant_id, device_id, principal, _module(module_id))
+
+
+async def _get_twin(
+    request: Request, tenant_id: str, device_id: str, principal: PrincipalDep, module_id: str | None
+) -> schemas.TwinPublic:
     principal.require(tenant_id, Scope.READ)
-    twin = await asyncio.to_thread(_services(request).hub_store.twin, tenant_id, device_id)
+    store = _services(request).hub_store
+    twin = await asyncio.to_thread(functools.partial(store.twin, tenant_id, device_id, module_id=module_id))
     document = twin.document()
-    return schemas.TwinPublic(device_id=device_id, desired=document["desired"], reported=document["reported"])
+    return schemas.TwinPublic(
+        device_id=device_id, module_id=module_id, desired=document["desired"], reported=document["reported"]
+    )
 
 
-@router.patch(
-    "/devices/{device_id}/twin/desired",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {"type": "object", "additionalProperties": True}}},
-        }
-    },
-)
+@router.patch("/devices/{device_id}/twin/desired", openapi_extra=_PATCH_BODY)
 async def patch_desired(
     request: Request, tenant_id: str, device_id: str, principal: PrincipalDep
 ) -> schemas.DesiredPatched:
     """Merge a JSON patch into the desired properties (null removes a key); a connected device gets it."""
+    return await _patch_desired(request, tenant_id, device_id, principal, None)
+
+
+@router.patch("/devices/{device_id}/modules/{module_id}/twin/desired", openapi_extra=_PATCH_BODY)
+async def patch_module_desired(
+    request: Request, tenant_id: str, device_id: str, module_id: str, principal: PrincipalDep
+) -> schemas.DesiredPatched:
+    """Merge a JSON patch into a module's desired properties; a connected module session gets it."""
+    return await _patch_desired(request, tenant_id, device_id, principal, _module(module_id))
+
+
+async def _patch_desired(
+    request: Request, tenant_id: str, device_id: str, principal: PrincipalDep, module_id: str | None
+) -> schemas.DesiredPatched:
     principal.require(tenant_id, Scope.WRITE)
     services = _services(request)
     patch = twin_core.parse_patch(await request.body(), services.settings.limits.twin_max_bytes)
-    half = await asyncio.to_thread(services.hub_store.patch_twin, tenant_id, device_id, patch, desired=True)
-    pushed = await _router(request).desired_changed(tenant_id, device_id, half.version, patch)
-    return schemas.DesiredPatched(device_id=device_id, version=half.version, pushed=pushed)
+    half = await asyncio.to_thread(
+        functools.partial(
+            services.hub_store.patch_twin, tenant_id, device_id, patch, desired=True, module_id=module_id
+        )
+    )
+    pushed = await _router(request).desired_changed(
+        tenant_id, device_id, half.version, patch, module_id=module_id
+    )
+    return schemas.DesiredPatched(
+        device_id=device_id, module_id=module_id, version=half.version, pushed=pushed
+    )
 
 
 @router.post("/devices/{device_id}/methods/{method_name}")
@@ -146,6 +212,34 @@ async def invoke_method(
     principal: PrincipalDep,
 ) -> schemas.MethodResultPublic:
     """Call a direct method on a connected device and return its status and payload (504 on timeout)."""
+    return await _invoke_method(request, tenant_id, device_id, method_name, body, principal, None)
+
+
+@router.post("/devices/{device_id}/modules/{module_id}/methods/{method_name}")
+async def invoke_module_method(
+    request: Request,
+    tenant_id: str,
+    device_id: str,
+    module_id: str,
+    method_name: str,
+    body: schemas.MethodInvoke,
+    principal: PrincipalDep,
+) -> schemas.MethodResultPublic:
+    """Call a direct method on a connected module of the device (its module session)."""
+    return await _invoke_method(
+        request, tenant_id, device_id, method_name, body, principal, _module(module_id)
+    )
+
+
+async def _invoke_method(
+    request: Request,
+    tenant_id: str,
+    device_id: str,
+    method_name: str,
+    body: schemas.MethodInvoke,
+    principal: PrincipalDep,
+    module_id: str | None,
+) -> schemas.MethodResultPublic:
     await _device_in(request, principal, tenant_id, device_id, Scope.WRITE)
     try:
         check_method_name(method_name)
@@ -158,7 +252,9 @@ async def invoke_method(
     timeout = min(
         body.timeout_seconds or limits.method_default_timeout_seconds, limits.method_max_timeout_seconds
     )
-    result = await _router(request).invoke_method(tenant_id, device_id, method_name, payload, timeout)
+    result = await _router(request).invoke_method(
+        tenant_id, device_id, method_name, payload, timeout, module_id=module_id
+    )
     answered: Any
     try:
         answered = json.loads(result.payload) if result.payload else None
@@ -216,8 +312,10 @@ async def query_telemetry(
     until: dt.datetime | None = None,
     after_id: Annotated[int | None, Query(ge=0)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    module_id: str | None = None,
 ) -> list[schemas.TelemetryPublic]:
-    """Stored telemetry, oldest first; page with ``after_id`` (the last id you got)."""
+    """Stored telemetry, oldest first; page with ``after_id`` (the last id you got); ``module_id`` keeps
+    what that module sent."""
     principal.require(tenant_id, Scope.READ)
     messages = await asyncio.to_thread(
         _services(request).hub_store.query_telemetry,
@@ -227,6 +325,7 @@ async def query_telemetry(
         until=_aware(until),
         after_id=after_id,
         limit=limit,
+        module_id=_module(module_id),
     )
     return [_telemetry(message) for message in messages]
 

@@ -292,17 +292,24 @@ class Quarantine(Strict):
 
 class ConnectionPublic(BaseModel):
     device_id: str
+    module_id: str | None = Field(
+        default=None, description="the module whose session this is; none: the device"
+    )
     connected: bool
 
 
 class TwinPublic(BaseModel):
     device_id: str
+    module_id: str | None = Field(
+        default=None, description="the module whose twin this is; none: the device's"
+    )
     desired: dict[str, Any] = Field(description="desired properties, with $version")
     reported: dict[str, Any] = Field(description="reported properties, with $version")
 
 
 class DesiredPatched(BaseModel):
     device_id: str
+    module_id: str | None = None
     version: int
     pushed: bool = Field(description="whether the patch reached a connected device at once")
 
@@ -347,6 +354,7 @@ class CloudToDevicePublic(BaseModel):
 class TelemetryPublic(BaseModel):
     id: int | None = Field(description="the stored id (for paging); none on the live stream")
     device_id: str
+    module_id: str | None = Field(default=None, description="the module that sent it; none: the device")
     received_at: dt.datetime
     properties: dict[str, str]
     body: str | None = Field(description="the body as text, if it is UTF-8")

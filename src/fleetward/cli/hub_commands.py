@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import httpx
 import typer
@@ -33,6 +34,18 @@ def register(app: typer.Typer) -> None:
         app.add_typer(sub)
 
 
+ModuleOption = Annotated[
+    str | None,
+    typer.Option("--module", help="A module of the device (its module session, e.g. fleetward-agent)."),
+]
+
+
+def _session_path(tenant_id: str, device_id: str, module: str | None) -> str:
+    """The API path of the device, or of one of its modules."""
+    path = f"/v1/tenants/{tenant_id}/devices/{device_id}"
+    return path if module is None else f"{path}/modules/{quote(module, safe='')}"
+
+
 def _json_argument(text: str, what: str) -> Any:
     try:
         return json.loads(text)
@@ -41,11 +54,13 @@ def _json_argument(text: str, what: str) -> Any:
 
 
 @twin_app.command("show")
-def twin_show(context: typer.Context, device_id: str, tenant: TenantOption = None) -> None:
-    """Show a device's twin (desired and reported properties, with their versions)."""
+def twin_show(
+    context: typer.Context, device_id: str, tenant: TenantOption = None, module: ModuleOption = None
+) -> None:
+    """Show a device's twin, or a module's (desired and reported properties, with their versions)."""
     state, client, tenant_id = in_tenant(context, tenant)
     with client:
-        twin = client.get(f"/v1/tenants/{tenant_id}/devices/{device_id}/twin", schemas.TwinPublic)
+        twin = client.get(f"{_session_path(tenant_id, device_id, module)}/twin", schemas.TwinPublic)
     if state.as_json:
         console.print_json(twin.model_dump_json())
         return
@@ -63,14 +78,16 @@ def twin_set_desired(
         ),
     ],
     tenant: TenantOption = None,
+    module: ModuleOption = None,
 ) -> None:
-    """Patch a device's desired properties; a connected device receives the patch at once."""
+    """Patch a device's (or module's) desired properties; a connected session receives it at once."""
     body = _json_argument(patch, "the patch")
     if not isinstance(body, dict):
         fail("the patch must be a JSON object")
     state, client, tenant_id = in_tenant(context, tenant)
     with client:
-        raw = client.request_json("PATCH", f"/v1/tenants/{tenant_id}/devices/{device_id}/twin/desired", body)
+        path = f"{_session_path(tenant_id, device_id, module)}/twin/desired"
+        raw = client.request_json("PATCH", path, body)
     answer = schemas.DesiredPatched.model_validate_json(raw)
     show_one(answer, title="Desired properties", as_json=state.as_json)
 
@@ -83,13 +100,14 @@ def method_invoke(
     payload: Annotated[str, typer.Option(help="JSON payload of the method.")] = "null",
     timeout: Annotated[int, typer.Option(min=1, max=300, help="Seconds to wait for the device.")] = 30,
     tenant: TenantOption = None,
+    module: ModuleOption = None,
 ) -> None:
-    """Call a direct method on a connected device and print its status and payload."""
+    """Call a direct method on a connected device (or module) and print its status and payload."""
     body = schemas.MethodInvoke(payload=_json_argument(payload, "the payload"), timeout_seconds=timeout)
     state, client, tenant_id = in_tenant(context, tenant)
     with client, console.status(f"waiting for {device_id[:16]}… to answer {name}"):
         result = client.post(
-            f"/v1/tenants/{tenant_id}/devices/{device_id}/methods/{name}", body, schemas.MethodResultPublic
+            f"{_session_path(tenant_id, device_id, module)}/methods/{name}", body, schemas.MethodResultPublic
         )
     if state.as_json:
         console.print_json(result.model_dump_json())
@@ -149,10 +167,12 @@ def telemetry_list(
     after_id: Annotated[int | None, typer.Option(help="Page on: the last id you saw.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
     tenant: TenantOption = None,
+    module: Annotated[str | None, typer.Option("--module", help="Only what this module sent.")] = None,
 ) -> None:
     """List stored telemetry, oldest first."""
     params: dict[str, str | int] = {"limit": limit}
-    for key, value in (("device_id", device_id), ("since", since), ("after_id", after_id)):
+    pairs = (("device_id", device_id), ("since", since), ("after_id", after_id), ("module_id", module))
+    for key, value in pairs:
         if value is not None:
             params[key] = value
     list_in_tenant(
@@ -160,7 +180,7 @@ def telemetry_list(
         tenant,
         "/telemetry",
         schemas.TelemetryPublic,
-        ["id", "device_id", "received_at", "properties", "body"],
+        ["id", "device_id", "module_id", "received_at", "properties", "body"],
         "Telemetry",
         params,
     )
@@ -227,11 +247,13 @@ def device_release(context: typer.Context, device_id: str, tenant: TenantOption 
 
 
 @device_app.command("connection")
-def device_connection(context: typer.Context, device_id: str, tenant: TenantOption = None) -> None:
-    """Whether the device is connected to the hub now."""
+def device_connection(
+    context: typer.Context, device_id: str, tenant: TenantOption = None, module: ModuleOption = None
+) -> None:
+    """Whether the device (or one of its modules) is connected to the hub now."""
     state, client, tenant_id = in_tenant(context, tenant)
     with client:
         answer = client.get(
-            f"/v1/tenants/{tenant_id}/devices/{device_id}/connection", schemas.ConnectionPublic
+            f"{_session_path(tenant_id, device_id, module)}/connection", schemas.ConnectionPublic
         )
     show_one(answer, title="Connection", as_json=state.as_json)

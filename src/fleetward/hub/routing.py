@@ -1,8 +1,10 @@
 """Device routing over the bus: the API reaches a device through whichever hub process holds its session.
 
 A hub that holds a device's session (or its saved persistent session) subscribes to the device's subject,
-``device.<tenant>.<device>`` (:mod:`fleetward.bus.subjects`), from the moment its CONNECT is accepted until
-the session is gone. Everything for the device travels there as a :class:`Command`:
+``device.<tenant>.<device>`` (:mod:`fleetward.bus.subjects`; a module session of the device has its own,
+``device.<tenant>.<device>.<module in hex>``, so that each session is found wherever it is), from the
+moment its CONNECT is accepted until the session is gone. Everything for the session travels there as a
+:class:`Command`:
 
 ============  =================  ======================================================================
 op            how                what the holder does
@@ -44,7 +46,9 @@ from fleetward.bus.base import Bus, Message, NoResponders, RequestTimedOut
 from fleetward.config import Limits
 from fleetward.errors import DeviceTimeout, FleetwardError, InvalidInput, NotFound, TransportError
 from fleetward.hub import topics
+from fleetward.hub.session import SessionKey
 from fleetward.hub.twin import JsonObject
+from fleetward.wire.identity import check_module_id
 
 if TYPE_CHECKING:
     from fleetward.hub.server import Hub
@@ -204,29 +208,29 @@ class DeviceRoutes:
         self._method_payload_max = limits.method_max_payload_bytes
         self._method_timeout_max = float(limits.method_max_timeout_seconds)
         self._subscription = bus.subscribe(max_pending=limits.bus_pending_messages)
-        #: device id → its subject, for every device this hub subscribes to
-        self._held: dict[str, str] = {}
+        #: session → its subject, for every session (device or module) this hub subscribes to
+        self._held: dict[SessionKey, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ holding devices
 
-    def hold(self, tenant_id: str, device_id: str) -> None:
-        """Receive the device's commands (its session, live or saved, is here now)."""
-        if device_id not in self._held:
-            subject = subjects.device(tenant_id, device_id)
-            self._held[device_id] = subject
+    def hold(self, tenant_id: str, key: SessionKey) -> None:
+        """Receive the session's commands (the session, live or saved, is here now)."""
+        if key not in self._held:
+            subject = subjects.device(tenant_id, *key)
+            self._held[key] = subject
             self._subscription.add(subject)
 
-    def release_if_idle(self, device_id: str) -> None:
-        """Stop receiving the device's commands unless a session of it, live or saved, is still here."""
-        if device_id in self.hub.connections or device_id in self.hub.saved_sessions:
+    def release_if_idle(self, key: SessionKey) -> None:
+        """Stop receiving the session's commands unless it, live or saved, is still here."""
+        if key in self.hub.connections or key in self.hub.saved_sessions:
             return
-        subject = self._held.pop(device_id, None)
+        subject = self._held.pop(key, None)
         if subject is not None:
             self._subscription.discard(subject)
 
-    def holds(self, device_id: str) -> bool:
-        return device_id in self._held
+    def holds(self, key: SessionKey) -> bool:
+        return key in self._held
 
     async def settled(self) -> None:
         """Once this returns, the bus routes the devices held so far here (a round trip on NATS)."""
@@ -235,16 +239,14 @@ class DeviceRoutes:
         except TransportError as error:
             logger.warning("the bus did not confirm a device's subscription: %s", error)
 
-    async def take_over(self, tenant_id: str, device_id: str, since_ns: int) -> tuple[str, ...] | None:
-        """Ask any other hub holding the device to end its session; its saved subscriptions, if any.
+    async def take_over(self, tenant_id: str, key: SessionKey, since_ns: int) -> tuple[str, ...] | None:
+        """Ask any other hub holding the session to end it; its saved subscriptions, if any.
 
         Raises :class:`SessionTaken` when the other hub's connection is the newer one.
         """
         command = Command(Op.TAKEOVER, name=self.hub_id, since_ns=since_ns)
         try:
-            data = await self.bus.request(
-                subjects.device(tenant_id, device_id), command.encode(), self._timeout
-            )
+            data = await self.bus.request(subjects.device(tenant_id, *key), command.encode(), self._timeout)
         except NoResponders:
             return None  # nobody else holds it: the usual case
         except TransportError as error:  # the bus is down or the holder slow: accept here all the same
@@ -259,10 +261,10 @@ class DeviceRoutes:
             raise SessionTaken("a newer connection of the same device, on another hub, holds it")
         return answer.session
 
-    def announce(self, tenant_id: str, device_id: str, since_ns: int) -> None:
-        """Tell other hubs a connection of the device was accepted here at ``since_ns``."""
+    def announce(self, tenant_id: str, key: SessionKey, since_ns: int) -> None:
+        """Tell other hubs a connection of the session was accepted here at ``since_ns``."""
         command = Command(Op.TAKEOVER, name=self.hub_id, since_ns=since_ns)
-        self.bus.publish(subjects.device(tenant_id, device_id), command.encode())
+        self.bus.publish(subjects.device(tenant_id, *key), command.encode())
 
     # ------------------------------------------------------------------ serving commands
 
@@ -270,41 +272,43 @@ class DeviceRoutes:
         """Answer the commands for the devices held here, until cancelled."""
         async for message in self._subscription:
             try:
-                tenant_id, device_id = subjects.device_of(message.subject)
+                tenant_id, device_id, module_id = subjects.session_of(message.subject)
+                key = SessionKey(device_id, None if module_id is None else check_module_id(module_id))
                 command = Command.decode(message.payload)
             except ValueError as error:
                 logger.warning("a malformed device command on the bus (%s): %s", message.subject, error)
                 continue
             try:
-                self._handle(tenant_id, device_id, command, message)
+                self._handle(tenant_id, key, command, message)
             except FleetwardError as error:  # one command failed; the device's others still arrive
-                logger.warning("a %s command for %s failed: %s", command.op.value, device_id, error)
+                logger.warning("a %s command for %s failed: %s", command.op.value, key, error)
 
-    def _handle(self, tenant_id: str, device_id: str, command: Command, message: Message) -> None:
+    def _handle(self, tenant_id: str, key: SessionKey, command: Command, message: Message) -> None:
         hub = self.hub
         if command.op is Op.METHOD:
-            self._spawn(self._method(tenant_id, device_id, command, message))
+            self._spawn(self._method(tenant_id, key, command, message))
         elif command.op is Op.DESIRED:
             try:
                 patch = _object(command.payload)
             except ValueError:
-                logger.warning("a malformed desired patch on the bus for %s", device_id)
+                logger.warning("a malformed desired patch on the bus for %s", key)
                 return
-            pushed = hub.desired_changed(tenant_id, device_id, command.version, patch)
+            pushed = hub.desired_changed(tenant_id, key, command.version, patch)
             self.bus.respond(message, Answer(pushed=pushed).encode())
         elif command.op is Op.MESSAGES:
-            hub.cloud_to_device_queued(tenant_id, device_id)
+            if key.module_id is None:  # modules have no cloud-to-device messages
+                hub.cloud_to_device_queued(tenant_id, key.device_id)
             if message.reply:
                 self.bus.respond(message, Answer().encode())
         elif command.op is Op.STATE:
-            self.bus.respond(message, Answer(connected=hub.is_connected(tenant_id, device_id)).encode())
+            self.bus.respond(message, Answer(connected=hub.is_connected(tenant_id, key)).encode())
         else:
-            self._taken_over(tenant_id, device_id, command, message)
+            self._taken_over(tenant_id, key, command, message)
 
-    def _taken_over(self, tenant_id: str, device_id: str, command: Command, message: Message) -> None:
+    def _taken_over(self, tenant_id: str, key: SessionKey, command: Command, message: Message) -> None:
         if command.name == self.hub_id:
             return  # our own announcement
-        connection = self.hub.connections.get(device_id)
+        connection = self.hub.connections.get(key)
         if connection is not None and connection.identity is not None:
             if connection.identity.tenant_id != tenant_id:
                 return
@@ -313,15 +317,15 @@ class DeviceRoutes:
                 if message.reply:
                     self.bus.respond(message, Answer(newer=True).encode())
                 else:
-                    self.announce(tenant_id, device_id, connection.accepted_ns)
+                    self.announce(tenant_id, key, connection.accepted_ns)
                 return
             connection.end("a newer connection of the same device took over", code="session_taken_over")
-        saved = self.hub.saved_sessions.pop(device_id, None)
-        self.release_if_idle(device_id)
+        saved = self.hub.saved_sessions.pop(key, None)
+        self.release_if_idle(key)
         session = tuple(sorted(item.value for item in saved)) if saved is not None else None
         self.bus.respond(message, Answer(session=session).encode())
 
-    async def _method(self, tenant_id: str, device_id: str, command: Command, message: Message) -> None:
+    async def _method(self, tenant_id: str, key: SessionKey, command: Command, message: Message) -> None:
         """Call the method on the device held here (checked again: the bus is not the API)."""
         try:
             topics.check_method_name(command.name)
@@ -333,9 +337,7 @@ class DeviceRoutes:
             answer = Answer(error="method_payload_too_large", message="the method payload is too large")
         else:
             try:
-                result = await self.hub.invoke_method(
-                    tenant_id, device_id, command.name, command.payload, timeout
-                )
+                result = await self.hub.invoke_method(tenant_id, key, command.name, command.payload, timeout)
             except NotFound as error:
                 answer = Answer(error=error.code, message=error.message)
             except DeviceTimeout as error:
@@ -376,26 +378,44 @@ class DeviceRouter:
         self._timeout = limits.bus_request_timeout_milliseconds / 1000
 
     @staticmethod
-    def _subject(tenant_id: str, device_id: str) -> str:
+    def _subject(tenant_id: str, device_id: str, module_id: str | None = None) -> str:
+        if module_id is not None:
+            try:
+                check_module_id(module_id)
+            except ValueError as error:
+                raise InvalidInput(str(error), code="module_id_invalid") from None
         try:
-            return subjects.device(tenant_id, device_id)
+            return subjects.device(tenant_id, device_id, module_id)
         except ValueError as error:
             raise InvalidInput(str(error), code="bad_device_id") from None
 
-    async def _request(self, tenant_id: str, device_id: str, command: Command, timeout: float) -> Answer:
-        data = await self.bus.request(self._subject(tenant_id, device_id), command.encode(), timeout)
+    async def _request(
+        self, tenant_id: str, device_id: str, command: Command, timeout: float, module_id: str | None = None
+    ) -> Answer:
+        subject = self._subject(tenant_id, device_id, module_id)
+        data = await self.bus.request(subject, command.encode(), timeout)
         try:
             return Answer.decode(data)
         except ValueError as error:
             raise TransportError(f"a malformed answer on the bus: {error}", code="bus_malformed") from None
 
     async def invoke_method(
-        self, tenant_id: str, device_id: str, name: str, payload: bytes, timeout_seconds: float
+        self,
+        tenant_id: str,
+        device_id: str,
+        name: str,
+        payload: bytes,
+        timeout_seconds: float,
+        *,
+        module_id: str | None = None,
     ) -> MethodResult:
-        """The device's answer to a direct method; ``NotFound`` (``device_offline``) or ``DeviceTimeout``."""
+        """The device's (or its module's) answer to a direct method; ``NotFound`` (``device_offline``) or
+        ``DeviceTimeout``."""
         command = Command(Op.METHOD, name=name, payload=payload, timeout_seconds=timeout_seconds)
         try:
-            answer = await self._request(tenant_id, device_id, command, timeout_seconds + self._timeout)
+            answer = await self._request(
+                tenant_id, device_id, command, timeout_seconds + self._timeout, module_id
+            )
         except NoResponders:
             raise NotFound("the device is not connected", code="device_offline") from None
         except RequestTimedOut:
@@ -410,14 +430,22 @@ class DeviceRouter:
             raise NotFound(answer.message or "the device is not connected", code=answer.error)
         return MethodResult(answer.status, answer.payload)
 
-    async def desired_changed(self, tenant_id: str, device_id: str, version: int, patch: JsonObject) -> bool:
-        """Push a desired patch to the device's session, wherever it is; True if it was sent to it.
+    async def desired_changed(
+        self,
+        tenant_id: str,
+        device_id: str,
+        version: int,
+        patch: JsonObject,
+        *,
+        module_id: str | None = None,
+    ) -> bool:
+        """Push a desired patch to the device's (or module's) session, wherever it is; True if sent to it.
 
         The patch is in the store already: a device that does not get it now reads it on its next twin GET.
         """
         command = Command(Op.DESIRED, payload=json.dumps(patch).encode(), version=version)
         try:
-            answer = await self._request(tenant_id, device_id, command, self._timeout)
+            answer = await self._request(tenant_id, device_id, command, self._timeout, module_id)
         except NoResponders:
             return False
         except TransportError as error:
@@ -429,9 +457,9 @@ class DeviceRouter:
         """Tell the device's session, wherever it is, that messages wait for it."""
         self.bus.publish(self._subject(tenant_id, device_id), Command(Op.MESSAGES).encode())
 
-    async def is_connected(self, tenant_id: str, device_id: str) -> bool:
+    async def is_connected(self, tenant_id: str, device_id: str, *, module_id: str | None = None) -> bool:
         try:
-            answer = await self._request(tenant_id, device_id, Command(Op.STATE), self._timeout)
+            answer = await self._request(tenant_id, device_id, Command(Op.STATE), self._timeout, module_id)
         except NoResponders:
             return False
         return answer.connected

@@ -49,8 +49,9 @@ from fleetward.hub.session import (
     ConnectRefused,
     OutboundWindow,
     PeerIdentity,
+    SessionKey,
     TokenBucket,
-    check_connect,
+    check_session,
     identify,
 )
 from fleetward.hub.store import CloudToDeviceMessage, HubStore, TelemetryMessage
@@ -156,8 +157,11 @@ class Hub:
         self.bus: Bus = bus or LocalBus()
         self.feed = feed or TelemetryFeed(limits.telemetry_stream_buffer, self.bus)
         self.routes = DeviceRoutes(self, self.bus, limits)
-        self.connections: dict[str, DeviceConnection] = {}
-        self.saved_sessions: dict[str, frozenset[topics.Subscription]] = {}
+        #: the live sessions: a device's own, and each of its modules' (each one independent)
+        self.connections: dict[SessionKey, DeviceConnection] = {}
+        #: device id → the keys of its modules' live sessions (trust ends all of a device's sessions)
+        self.module_sessions: dict[str, set[SessionKey]] = {}
+        self.saved_sessions: dict[SessionKey, frozenset[topics.Subscription]] = {}
         self.telemetry: Batcher[TelemetryMessage, TelemetryMessage] = Batcher(
             store.append_telemetry,
             name="telemetry",
@@ -245,18 +249,38 @@ class Hub:
                 continue
             for change in changes:
                 self._trust_seq = max(self._trust_seq, change.seq)
-                connection = self.connections.get(change.device_id)
-                if connection is None or connection.identity is None:
-                    continue
-                if change.kind is TrustKind.RELEASED:
-                    connection.mode = topics.AccessMode.FULL
-                elif (
-                    change.kind is TrustKind.CERTIFICATE_REVOKED
-                    and change.serial != connection.identity.serial
-                ):
-                    continue
-                else:
-                    connection.end(f"trust ended: {change.kind.value}", code=change.kind.value)
+                for connection in self.sessions_of(change.device_id):
+                    if connection.identity is None:
+                        continue
+                    if change.kind is TrustKind.RELEASED:
+                        connection.mode = topics.AccessMode.FULL
+                    elif (
+                        change.kind is TrustKind.CERTIFICATE_REVOKED
+                        and change.serial != connection.identity.serial
+                    ):
+                        continue
+                    else:
+                        connection.end(f"trust ended: {change.kind.value}", code=change.kind.value)
+
+    def sessions_of(self, device_id: str) -> list[DeviceConnection]:
+        """Every live session of the device: its own and its modules'."""
+        found = [self.connections[key] for key in self.module_sessions.get(device_id, ())]
+        own = self.connections.get(SessionKey(device_id))
+        return found if own is None else [own, *found]
+
+    def register(self, key: SessionKey, connection: DeviceConnection) -> None:
+        self.connections[key] = connection
+        if key.module_id is not None:
+            self.module_sessions.setdefault(key.device_id, set()).add(key)
+
+    def unregister(self, key: SessionKey) -> None:
+        del self.connections[key]
+        if key.module_id is not None:
+            modules = self.module_sessions.get(key.device_id)
+            if modules is not None:
+                modules.discard(key)
+                if not modules:
+                    del self.module_sessions[key.device_id]
 
     def wake(self) -> None:
         """Look at the trust feed (and the tenants' CAs) now rather than at the next poll."""
@@ -288,8 +312,8 @@ class Hub:
 
     # ------------------------------------------------------------------ what the API asks of devices
 
-    def _connected(self, tenant_id: str, device_id: str) -> DeviceConnection:
-        connection = self.connections.get(device_id)
+    def _connected(self, tenant_id: str, key: SessionKey) -> DeviceConnection:
+        connection = self.connections.get(key)
         if (
             connection is None
             or not connection.ready
@@ -299,18 +323,18 @@ class Hub:
             raise NotFound("the device is not connected", code="device_offline")
         return connection
 
-    def is_connected(self, tenant_id: str, device_id: str) -> bool:
+    def is_connected(self, tenant_id: str, key: SessionKey) -> bool:
         try:
-            self._connected(tenant_id, device_id)
+            self._connected(tenant_id, key)
         except NotFound:
             return False
         return True
 
     async def invoke_method(
-        self, tenant_id: str, device_id: str, name: str, payload: bytes, timeout_seconds: float
+        self, tenant_id: str, key: SessionKey, name: str, payload: bytes, timeout_seconds: float
     ) -> MethodResult:
-        """Call a direct method and wait for the device's answer, at most ``timeout_seconds``."""
-        connection = self._connected(tenant_id, device_id)
+        """Call a direct method and wait for the session's answer, at most ``timeout_seconds``."""
+        connection = self._connected(tenant_id, key)
         if topics.Subscription.METHODS not in connection.subscriptions:
             raise NotFound("the device does not listen for direct methods", code="device_offline")
         request_id = f"{next(self._request_ids):x}"
@@ -331,9 +355,9 @@ class Hub:
         if future is not None and not future.done():
             future.set_result(result)
 
-    def desired_changed(self, tenant_id: str, device_id: str, version: int, patch: JsonObject) -> bool:
-        """Push a desired-property patch to the device if it is connected and listening; True if sent."""
-        connection = self.connections.get(device_id)
+    def desired_changed(self, tenant_id: str, key: SessionKey, version: int, patch: JsonObject) -> bool:
+        """Push a desired-property patch to the session if it is connected and listening; True if sent."""
+        connection = self.connections.get(key)
         if (
             connection is None
             or not connection.ready
@@ -347,7 +371,7 @@ class Hub:
         return True
 
     def cloud_to_device_queued(self, tenant_id: str, device_id: str) -> None:
-        connection = self.connections.get(device_id)
+        connection = self.connections.get(SessionKey(device_id))
         if (
             connection is not None
             and connection.identity is not None
@@ -368,6 +392,8 @@ class DeviceConnection(asyncio.Protocol):
         limits = hub.limits
         self.reader = codec.PacketReader(limits.mqtt_max_packet_bytes)
         self.identity: PeerIdentity | None = None
+        #: the session this connection is (known once its CONNECT is checked)
+        self.key: SessionKey | None = None
         #: when the hub accepted its CONNECT (ns since the epoch): the newer of two connections stays
         self.accepted_ns = 0
         self.mode = topics.AccessMode.FULL
@@ -538,13 +564,14 @@ class DeviceConnection(asyncio.Protocol):
         unregisters before ``connection_lost`` runs, so both come here. The Azure IoT device SDK connects
         with ``clean_session=0`` and subscribes to nothing again after a reconnect: it relies on this.
         """
-        if self.identity is not None and self.hub.connections.get(self.identity.device_id) is self:
-            del self.hub.connections[self.identity.device_id]
+        key = self.key
+        if key is not None and self.hub.connections.get(key) is self:
+            self.hub.unregister(key)
             if self._clean_session:
-                self.hub.saved_sessions.pop(self.identity.device_id, None)
+                self.hub.saved_sessions.pop(key, None)
             else:
-                self.hub.saved_sessions[self.identity.device_id] = frozenset(self.subscriptions)
-            self.hub.routes.release_if_idle(self.identity.device_id)
+                self.hub.saved_sessions[key] = frozenset(self.subscriptions)
+            self.hub.routes.release_if_idle(key)
 
     def pause_writing(self) -> None:
         self._writable = False
@@ -653,7 +680,9 @@ class DeviceConnection(asyncio.Protocol):
         elif isinstance(packet, codec.Unsubscribe):
             for topic_filter in packet.topics:
                 with contextlib.suppress(AccessRefused):
-                    self.subscriptions.discard(topics.classify_subscribe(self.identity_id, topic_filter))
+                    self.subscriptions.discard(
+                        topics.classify_subscribe(self.identity_id, topic_filter, module_id=self.module_id)
+                    )
             self.send(codec.UnsubAck(packet.packet_id))
         elif isinstance(packet, codec.PingReq):
             self._write(_PING_RESPONSE)
@@ -674,11 +703,17 @@ class DeviceConnection(asyncio.Protocol):
         assert self.identity is not None
         return self.identity.device_id
 
+    @property
+    def module_id(self) -> str | None:
+        return self.key.module_id if self.key is not None else None
+
     async def _accept(self, connect: codec.Connect) -> None:
         identity = self.identity
         assert identity is not None
         try:
-            self._keep_alive = check_connect(connect, identity, self.hub.limits.hub_max_keep_alive_seconds)
+            self._keep_alive, key = check_session(
+                connect, identity, self.hub.limits.hub_max_keep_alive_seconds
+            )
             self.mode = await asyncio.to_thread(
                 self.hub.store.access_of, identity.tenant_id, identity.device_id, identity.serial
             )
@@ -698,35 +733,36 @@ class DeviceConnection(asyncio.Protocol):
             return
         hub = self.hub
         try:  # the ids are known tenants' and hex (``identify``): this never refuses, but it may not widen
-            subjects.device(identity.tenant_id, identity.device_id)
+            subjects.device(identity.tenant_id, *key)
         except ValueError as error:
             self.send(codec.ConnAck(codec.ConnectReturnCode.NOT_AUTHORIZED))
             self._refuse(AccessRefused(f"the identity is not routable: {error}", code="certificate_unknown"))
             return
         accepted_ns = routing.now_ns()
         handed: frozenset[topics.Subscription] | None = None
-        if not hub.routes.holds(identity.device_id):
-            # Another hub may hold the device's session (live, or saved): it ends it and hands it over.
+        if not hub.routes.holds(key):
+            # Another hub may hold the session (live, or saved): it ends it and hands it over.
             try:
-                names = await hub.routes.take_over(identity.tenant_id, identity.device_id, accepted_ns)
+                names = await hub.routes.take_over(identity.tenant_id, key, accepted_ns)
             except SessionTaken as taken:
                 self.end(taken.message, code=taken.code)
                 return
             handed = routing.session_of(names) if names is not None else None
             if self._closing:
                 return
-        previous = hub.connections.get(identity.device_id)
+        previous = hub.connections.get(key)
         if previous is not None and previous is not self:
-            previous.end("a newer connection of the same device took over", code="session_taken_over")
-        hub.connections[identity.device_id] = self
+            previous.end("a newer connection of the same session took over", code="session_taken_over")
+        self.key = key
+        hub.register(key, self)
         self.accepted_ns = accepted_ns
         self._clean_session = connect.clean_session
-        saved = hub.saved_sessions.get(identity.device_id, handed)
+        saved = hub.saved_sessions.get(key, handed)
         session_present = not connect.clean_session and saved is not None
         if session_present and saved is not None:
             self.subscriptions = {item for item in saved if self._allowed(item)}
-        hub.routes.hold(identity.tenant_id, identity.device_id)
-        hub.routes.announce(identity.tenant_id, identity.device_id, accepted_ns)
+        hub.routes.hold(identity.tenant_id, key)
+        hub.routes.announce(identity.tenant_id, key, accepted_ns)
         await hub.routes.settled()  # the API reaches the device through the bus from the CONNACK on
         if self._closing:
             return
@@ -761,7 +797,9 @@ class DeviceConnection(asyncio.Protocol):
         added: set[topics.Subscription] = set()
         for topic_filter, requested in packet.topics:
             try:
-                subscription = topics.classify_subscribe(self.identity_id, topic_filter, self.mode)
+                subscription = topics.classify_subscribe(
+                    self.identity_id, topic_filter, self.mode, self.module_id
+                )
             except AccessRefused as refused:
                 self.hub.security_event(refused.code, refused.message, self.identity, self.peer)
                 codes.append(codec.SUBACK_FAILURE)
@@ -782,7 +820,7 @@ class DeviceConnection(asyncio.Protocol):
         decided = self._telemetry_topics.get((packet.topic, self.mode))
         if decided is None:
             # As IoT Hub does, a publish outside the device's topics ends its connection (AccessRefused).
-            decided = topics.classify_publish(identity.device_id, packet.topic, self.mode)
+            decided = topics.classify_publish(identity.device_id, packet.topic, self.mode, self.module_id)
             if isinstance(decided, topics.Telemetry):  # a device repeats its telemetry topics: remember a few
                 if len(self._telemetry_topics) >= 16:
                     self._telemetry_topics.clear()
@@ -797,6 +835,7 @@ class DeviceConnection(asyncio.Protocol):
                 self.hub.clock.now(),
                 decided.properties,
                 packet.payload,
+                module_id=self.module_id,
             )
             self._inbound += 1
             if self._inbound >= self.hub.limits.hub_inflight_inbound:
@@ -906,7 +945,9 @@ class DeviceConnection(asyncio.Protocol):
         identity = self.identity
         assert identity is not None
         try:
-            twin = await asyncio.to_thread(self.hub.store.twin, identity.tenant_id, identity.device_id)
+            twin = await asyncio.to_thread(
+                self.hub.store.twin, identity.tenant_id, identity.device_id, module_id=self.module_id
+            )
         except FleetwardError as error:
             self._twin_answer(request_id, 500, {"message": error.message})
             return
@@ -919,7 +960,14 @@ class DeviceConnection(asyncio.Protocol):
         try:
             patch = twin_core.parse_patch(body, limits.twin_max_bytes)
             half = await asyncio.to_thread(
-                self.hub.store.patch_twin, identity.tenant_id, identity.device_id, patch, desired=False
+                functools.partial(
+                    self.hub.store.patch_twin,
+                    identity.tenant_id,
+                    identity.device_id,
+                    patch,
+                    desired=False,
+                    module_id=self.module_id,
+                )
             )
         except InvalidInput as refused:
             status = 413 if refused.code == "twin_too_large" or "too_large" in refused.code else 400

@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 from urllib.parse import unquote
 
 from cryptography import x509
@@ -17,9 +17,19 @@ from cryptography.x509.oid import NameOID
 from fleetward.authority.ca import parse_device_uri
 from fleetward.errors import AccessRefused, ProtocolViolation
 from fleetward.hub.codec import Connect, ConnectReturnCode
-from fleetward.wire.identity import check_device_id
+from fleetward.wire.identity import check_device_id, check_module_id
 
 Token = TypeVar("Token")
+
+
+class SessionKey(NamedTuple):
+    """What a hub session is: a device (``module_id`` None), or one module of it. Each is independent."""
+
+    device_id: str
+    module_id: str | None = None
+
+    def __str__(self) -> str:
+        return self.device_id if self.module_id is None else f"{self.device_id}/{self.module_id}"
 
 
 @dataclass(frozen=True)
@@ -90,21 +100,24 @@ class ConnectRefused(AccessRefused):
 
 def check_connect(connect: Connect, identity: PeerIdentity, max_keep_alive_seconds: int) -> int:
     """The keep-alive to hold the device to, if its CONNECT agrees with its certificate."""
+    return check_session(connect, identity, max_keep_alive_seconds)[0]
+
+
+def check_session(
+    connect: Connect, identity: PeerIdentity, max_keep_alive_seconds: int
+) -> tuple[int, SessionKey]:
+    """The keep-alive and the session (the device, or a module of it) of a CONNECT, if it agrees with its
+    certificate. The certificate names the device; any module of the device may connect with it."""
     if connect.protocol_level not in (3, 4):
         raise ConnectRefused(
             f"MQTT protocol level {connect.protocol_level} is not spoken here; use MQTT 3.1.1",
             code="protocol_version",
             return_code=ConnectReturnCode.UNACCEPTABLE_PROTOCOL_VERSION,
         )
-    if connect.client_id != identity.device_id:
+    key = _session_key(connect.client_id, identity.device_id)
+    if connect.username is not None and not _username_names(connect.username, key):
         raise ConnectRefused(
-            "the MQTT client id must be the device id of the certificate",
-            code="client_id_mismatch",
-            return_code=ConnectReturnCode.IDENTIFIER_REJECTED,
-        )
-    if connect.username is not None and not _username_names(connect.username, identity.device_id):
-        raise ConnectRefused(
-            "the user name must be {hub host}/{device id}/?api-version=… for this device",
+            "the user name must be {hub host}/{device id}/[{module id}/]?api-version=… for this session",
             code="username_mismatch",
             return_code=ConnectReturnCode.BAD_USERNAME_OR_PASSWORD,
         )
@@ -115,14 +128,39 @@ def check_connect(connect: Connect, identity: PeerIdentity, max_keep_alive_secon
             return_code=ConnectReturnCode.NOT_AUTHORIZED,
         )
     if connect.keep_alive == 0 or connect.keep_alive > max_keep_alive_seconds:
-        return max_keep_alive_seconds
-    return connect.keep_alive
+        return max_keep_alive_seconds, key
+    return connect.keep_alive, key
 
 
-def _username_names(username: str, device_id: str) -> bool:
-    """The IoT Hub form ``{host}/{device id}/?api-version=…`` (or without the query), for this device."""
+def _session_key(client_id: str, device_id: str) -> SessionKey:
+    """``{device id}`` or ``{device id}/{module id}``, for the certificate's device."""
+    named, separator, module_id = client_id.partition("/")
+    if named != device_id:
+        raise ConnectRefused(
+            "the MQTT client id must be the device id of the certificate (or {device id}/{module id})",
+            code="client_id_mismatch",
+            return_code=ConnectReturnCode.IDENTIFIER_REJECTED,
+        )
+    if not separator:
+        return SessionKey(device_id)
+    try:
+        return SessionKey(device_id, check_module_id(module_id))
+    except ValueError as error:
+        raise ConnectRefused(
+            f"the client id's module id is refused: {error}",
+            code="module_id_invalid",
+            return_code=ConnectReturnCode.IDENTIFIER_REJECTED,
+        ) from None
+
+
+def _username_names(username: str, key: SessionKey) -> bool:
+    """The IoT Hub form ``{host}/{device id}/?api-version=…`` (or without the query) for a device,
+    ``{host}/{device id}/{module id}/?api-version=…`` for a module."""
     parts = username.split("/")
-    return len(parts) >= 2 and unquote(parts[1]) == device_id and len(username) <= 1024
+    if len(username) > 1024 or len(parts) < 2 or unquote(parts[1]) != key.device_id:
+        return False
+    named = unquote(parts[2]) if len(parts) > 2 and not parts[2].startswith("?") else ""
+    return named == (key.module_id or "")
 
 
 @dataclass

@@ -29,6 +29,7 @@ from fleetward.store.schema import (
     certificates,
     cloud_to_device,
     devices,
+    module_twins,
     telemetry,
     twins,
 )
@@ -45,6 +46,8 @@ class TelemetryMessage:
     properties: Properties
     body: bytes
     id: int = 0
+    #: the module that sent it (a module session); None: the device itself
+    module_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,7 @@ class HubStore:
 
     def append_telemetry(self, batch: Sequence[TelemetryMessage]) -> list[TelemetryMessage | FleetwardError]:
         """Commit a batch of telemetry in one transaction: one statement, one disk flush."""
-        columns = ("tenant_id", "device_id", "received_at", "properties", "body")
+        columns = ("tenant_id", "device_id", "received_at", "properties", "body", "module_id")
         with self._db.write() as connection:
             rows: list[tuple[object, ...]] = [
                 (
@@ -130,6 +133,7 @@ class HubStore:
                     self._db.stored_time(message.received_at),
                     json.dumps(message.properties, separators=(",", ":")),
                     message.body,
+                    message.module_id,
                 )
                 for message in batch
             ]
@@ -145,11 +149,15 @@ class HubStore:
         until: dt.datetime | None = None,
         after_id: int | None = None,
         limit: int = 100,
+        module_id: str | None = None,
     ) -> list[TelemetryMessage]:
-        """Telemetry of the tenant, oldest first, in a time range and after an id (for paging)."""
+        """Telemetry of the tenant, oldest first, in a time range and after an id (for paging); with
+        ``module_id``, only what that module sent."""
         statement = sa.select(telemetry).where(telemetry.c.tenant_id == tenant_id)
         if device_id is not None:
             statement = statement.where(telemetry.c.device_id == device_id)
+        if module_id is not None:
+            statement = statement.where(telemetry.c.module_id == module_id)
         if since is not None:
             statement = statement.where(telemetry.c.received_at >= since)
         if until is not None:
@@ -167,18 +175,35 @@ class HubStore:
                 tuple((key, value) for key, value in json.loads(row.properties)),
                 bytes(row.body),
                 row.id,
+                row.module_id,
             )
             for row in rows
         ]
 
     # ------------------------------------------------------------------ twins
 
-    def twin(self, tenant_id: str, device_id: str) -> Twin:
+    def twin(self, tenant_id: str, device_id: str, *, module_id: str | None = None) -> Twin:
+        """The device's twin, or (with ``module_id``) its module's: empty until first written."""
         with self._db.read() as connection:
-            return self._twin(connection, tenant_id, device_id)
+            return self._twin(connection, tenant_id, device_id, module_id)
 
-    def _twin(self, connection: Connection, tenant_id: str, device_id: str, *, lock: bool = False) -> Twin:
-        statement = sa.select(twins).where(twins.c.tenant_id == tenant_id, twins.c.device_id == device_id)
+    def _twin(
+        self,
+        connection: Connection,
+        tenant_id: str,
+        device_id: str,
+        module_id: str | None = None,
+        *,
+        lock: bool = False,
+    ) -> Twin:
+        if module_id is None:
+            statement = sa.select(twins).where(twins.c.tenant_id == tenant_id, twins.c.device_id == device_id)
+        else:
+            statement = sa.select(module_twins).where(
+                module_twins.c.tenant_id == tenant_id,
+                module_twins.c.device_id == device_id,
+                module_twins.c.module_id == module_id,
+            )
         row = connection.execute(statement.with_for_update() if lock else statement).first()
         if row is None:
             self._device_in(connection, tenant_id, device_id)
@@ -196,10 +221,19 @@ class HubStore:
         if found is None:
             raise NotFound("no such device in this tenant", code="device_not_found")
 
-    def patch_twin(self, tenant_id: str, device_id: str, patch: JsonObject, *, desired: bool) -> TwinHalf:
-        """Merge ``patch`` into the desired (operator) or reported (device) half; the new half."""
+    def patch_twin(
+        self,
+        tenant_id: str,
+        device_id: str,
+        patch: JsonObject,
+        *,
+        desired: bool,
+        module_id: str | None = None,
+    ) -> TwinHalf:
+        """Merge ``patch`` into the desired (operator) or reported (device) half of the device's twin, or
+        (with ``module_id``) of its module's; the new half."""
         with self._db.write() as connection:
-            current = self._twin(connection, tenant_id, device_id, lock=True)
+            current = self._twin(connection, tenant_id, device_id, module_id, lock=True)
             half = current.desired if desired else current.reported
             changed = twin_core.apply(half, patch, self._limits.twin_max_bytes)
             updated = Twin(changed, current.reported) if desired else Twin(current.desired, changed)
@@ -211,6 +245,21 @@ class HubStore:
                 "reported_version": updated.reported.version,
                 "updated_at": self._clock.now(),
             }
+            if module_id is not None:
+                result = connection.execute(
+                    module_twins.update()
+                    .where(
+                        module_twins.c.device_id == device_id,
+                        module_twins.c.module_id == module_id,
+                        module_twins.c.tenant_id == tenant_id,
+                    )
+                    .values(**values)
+                )
+                if result.rowcount == 0:
+                    connection.execute(
+                        module_twins.insert().values(device_id=device_id, module_id=module_id, **values)
+                    )
+                return changed
             result = connection.execute(
                 twins.update()
                 .where(twins.c.device_id == device_id, twins.c.tenant_id == tenant_id)

@@ -11,9 +11,15 @@ A device publishes to and subscribes to its own topics, and nothing else::
                $iothub/twin/res/#                                    answers to twin requests
                $iothub/twin/PATCH/properties/desired/#               desired-property patches
 
-A quarantined device keeps only the twin: it may ask for it, report to it, and receive desired patches
-(the remediation instructions); telemetry, direct methods and cloud-to-device messages are refused.
-Every refusal raises :class:`AccessRefused`; the shell closes nothing for it but records a security event.
+A module session (a client id ``{device}/{module}``, as in IoT Hub and IoT Edge) has the same topics but
+its own telemetry topic, ``devices/{id}/modules/{module}/messages/events/{property bag}``; its twin topics
+address the module's twin and its methods are those sent to the module. Modules have no cloud-to-device
+messages (IoT Hub has none for them).
+
+A quarantined device (each of its sessions) keeps only the twin: it may ask for it, report to it, and
+receive desired patches (the remediation instructions); telemetry, direct methods and cloud-to-device
+messages are refused. Every refusal raises :class:`AccessRefused`; the shell closes nothing for it but
+records a security event.
 """
 
 from __future__ import annotations
@@ -129,12 +135,22 @@ def _request_id(suffix: str) -> str:
     return request_id
 
 
-def classify_publish(device_id: str, topic: str, mode: AccessMode = AccessMode.FULL) -> DevicePublish:
-    """What a PUBLISH from ``device_id`` to ``topic`` is, if it may send it; else :class:`AccessRefused`."""
-    telemetry_prefix = f"devices/{device_id}/messages/events"
+def telemetry_prefix(device_id: str, module_id: str | None = None) -> str:
+    """Where a device's (or one of its modules') telemetry goes, before the property bag."""
+    if module_id is None:
+        return f"devices/{device_id}/messages/events"
+    return f"devices/{device_id}/modules/{module_id}/messages/events"
+
+
+def classify_publish(
+    device_id: str, topic: str, mode: AccessMode = AccessMode.FULL, module_id: str | None = None
+) -> DevicePublish:
+    """What a PUBLISH from ``device_id`` (or its module ``module_id``) to ``topic`` is, if it may send
+    it; else :class:`AccessRefused`."""
+    events = telemetry_prefix(device_id, module_id)
     decided: DevicePublish
-    if topic == telemetry_prefix or topic.startswith(telemetry_prefix + "/"):
-        decided = Telemetry(parse_properties(topic[len(telemetry_prefix) + 1 :]))
+    if topic == events or topic.startswith(events + "/"):
+        decided = Telemetry(parse_properties(topic[len(events) + 1 :]))
     elif topic.startswith("$iothub/twin/GET/"):
         decided = TwinGet(_request_id(topic[len("$iothub/twin/GET/") :]))
     elif topic.startswith("$iothub/twin/PATCH/properties/reported/"):
@@ -151,17 +167,24 @@ def classify_publish(device_id: str, topic: str, mode: AccessMode = AccessMode.F
     return decided
 
 
-def classify_subscribe(device_id: str, topic_filter: str, mode: AccessMode = AccessMode.FULL) -> Subscription:
-    """What a subscription of ``device_id`` to ``topic_filter`` is, if it may make it."""
-    allowed = {
-        f"devices/{device_id}/messages/devicebound/#": Subscription.CLOUD_TO_DEVICE,
-        "$iothub/methods/POST/#": Subscription.METHODS,
-        "$iothub/twin/res/#": Subscription.TWIN_RESPONSES,
-        "$iothub/twin/PATCH/properties/desired/#": Subscription.TWIN_DESIRED,
-    }
-    subscription = allowed.get(topic_filter)
+_SESSION_FILTERS = {
+    "$iothub/methods/POST/#": Subscription.METHODS,
+    "$iothub/twin/res/#": Subscription.TWIN_RESPONSES,
+    "$iothub/twin/PATCH/properties/desired/#": Subscription.TWIN_DESIRED,
+}
+
+
+def classify_subscribe(
+    device_id: str, topic_filter: str, mode: AccessMode = AccessMode.FULL, module_id: str | None = None
+) -> Subscription:
+    """What a subscription of ``device_id`` (or its module ``module_id``) to ``topic_filter`` is, if it
+    may make it. A module has no cloud-to-device messages."""
+    subscription = _SESSION_FILTERS.get(topic_filter)
+    if module_id is None and topic_filter == f"devices/{device_id}/messages/devicebound/#":
+        subscription = Subscription.CLOUD_TO_DEVICE
     if subscription is None:
-        raise _refused(f"device {device_id[:16]}… may not subscribe to {topic_filter[:80]!r}")
+        who = f"device {device_id[:16]}…" if module_id is None else f"module {module_id[:64]!r}"
+        raise _refused(f"{who} may not subscribe to {topic_filter[:80]!r}")
     if mode is AccessMode.QUARANTINED and subscription not in _QUARANTINE_SUBSCRIPTIONS:
         raise _refused("the device is quarantined: it may only use its twin", "quarantined")
     return subscription

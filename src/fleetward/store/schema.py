@@ -59,6 +59,7 @@ class UtcDateTime(TypeDecorator[dt.datetime]):
 
 ID = 36  # a UUID in text form
 DEVICE_ID = 64
+MODULE_ID = 64  # a module id (hub/session.py)
 NAME = 128
 
 tenants = Table(
@@ -245,6 +246,7 @@ telemetry = Table(
     Column("received_at", UtcDateTime, nullable=False),
     Column("properties", Text, nullable=False),  # JSON list of [key, value] pairs, in order
     Column("body", LargeBinary, nullable=False),
+    Column("module_id", String(MODULE_ID), nullable=True),  # the module that sent it; None: the device
     Index("ix_telemetry_tenant_device_id", "tenant_id", "device_id", "id"),
     Index("ix_telemetry_tenant_received", "tenant_id", "received_at"),
 )
@@ -253,6 +255,20 @@ twins = Table(
     "twins",
     metadata,
     Column("device_id", String(DEVICE_ID), ForeignKey("devices.id"), primary_key=True),
+    Column("tenant_id", String(ID), nullable=False),
+    Column("desired", Text, nullable=False),
+    Column("desired_version", Integer, nullable=False),
+    Column("reported", Text, nullable=False),
+    Column("reported_version", Integer, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+module_twins = Table(
+    "module_twins",
+    metadata,
+    # The twin of each module of a device (a module session, IoT Hub's module identity): same halves.
+    Column("device_id", String(DEVICE_ID), ForeignKey("devices.id"), primary_key=True),
+    Column("module_id", String(MODULE_ID), primary_key=True),
     Column("tenant_id", String(ID), nullable=False),
     Column("desired", Text, nullable=False),
     Column("desired_version", Integer, nullable=False),

@@ -46,6 +46,23 @@ def check_device_id(text: str) -> str:
     return text
 
 
+#: A module id (a hub session of a module of the device, as IoT Hub and IoT Edge have them): a safe subset
+#: of IoT Hub's, letters, digits and ``_ $ -``, with no ``.``, ``*`` or ``>`` (the bus's separators and
+#: wildcards), so that ``$edgeAgent`` and ``fleetward-agent`` pass.
+_MODULE_ID = re.compile(r"[A-Za-z0-9$][A-Za-z0-9_$-]{0,63}")
+
+
+def check_module_id(module_id: str) -> str:
+    """``module_id`` if it is a module id; ``ValueError`` otherwise (``TypeError`` for a non-str)."""
+    if not isinstance(module_id, str):
+        raise TypeError(f"a module id must be a str, not {type(module_id).__name__}")
+    if not _MODULE_ID.fullmatch(module_id):
+        raise ValueError(
+            "a module id is 1 to 64 letters, digits or _$- and starts with a letter, a digit or $"
+        )
+    return module_id
+
+
 def load_public_key(data: bytes | str) -> ec.EllipticCurvePublicKey:
     """Load a P-256 public key from PEM or DER, or raise ``ValueError`` saying why it is refused."""
     raw = data.encode("ascii", "replace") if isinstance(data, str) else data
