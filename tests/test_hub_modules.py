@@ -284,6 +284,36 @@ def test_a_direct_method_sent_to_a_module_reaches_that_module_and_is_answered(
     assert refusal(hub, "GET", module_path(hub, device, "/twin", module="a.b")) == (400, "module_id_invalid")
 
 
+def test_only_the_session_a_method_was_sent_to_can_answer_it(hub: HubSetup, device: SimulatedDevice) -> None:
+    """Another session of the device (here a module) that answers with the request id it guessed is
+    ignored: the caller gets the answer of the session it called."""
+
+    def invoke() -> schemas.MethodResultPublic:
+        return hub.tenant.client.post(
+            device_path(hub, device, "/methods/reboot"),
+            schemas.MethodInvoke(payload=None, timeout_seconds=5),
+            schemas.MethodResultPublic,
+        )
+
+    async def run() -> schemas.MethodResultPublic:
+        async with (
+            session(hub, device, device.device_id) as (own, _),
+            session(hub, device, f"{device.device_id}/{MODULE}") as (module, _),
+        ):
+            assert await subscribe(own, "$iothub/methods/POST/#") == (1,)
+            call = asyncio.create_task(asyncio.to_thread(invoke))
+            request = await own.expect(codec.Publish)
+            rid = request.topic.partition("$rid=")[2]
+            await module.send(codec.Publish(f"$iothub/methods/res/200/?$rid={rid}", b'"forged"'))
+            await asyncio.sleep(0.2)
+            assert not call.done()
+            await own.send(codec.Publish(f"$iothub/methods/res/202/?$rid={rid}", b'"genuine"'))
+            return await call
+
+    result = asyncio.run(run())
+    assert (result.status, result.payload) == (202, "genuine")
+
+
 def test_a_module_may_not_subscribe_to_cloud_to_device_messages(
     hub: HubSetup, device: SimulatedDevice
 ) -> None:

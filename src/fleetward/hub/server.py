@@ -168,7 +168,8 @@ class Hub:
             max_batch=limits.telemetry_batch_max,
             max_pending=limits.telemetry_queue_max,
         )
-        self._methods: dict[str, asyncio.Future[MethodResult]] = {}
+        #: direct methods awaiting their answer: the session asked, and the caller's future
+        self._methods: dict[str, tuple[SessionKey, asyncio.Future[MethodResult]]] = {}
         self._request_ids = itertools.count(1)
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -339,7 +340,7 @@ class Hub:
             raise NotFound("the device does not listen for direct methods", code="device_offline")
         request_id = f"{next(self._request_ids):x}"
         future: asyncio.Future[MethodResult] = asyncio.get_running_loop().create_future()
-        self._methods[request_id] = future
+        self._methods[request_id] = (key, future)
         try:
             connection.send(codec.Publish(topics.method_request_topic(name, request_id), payload))
             return await asyncio.wait_for(future, timeout_seconds)
@@ -350,10 +351,15 @@ class Hub:
         finally:
             self._methods.pop(request_id, None)
 
-    def method_answered(self, request_id: str, result: MethodResult) -> None:
-        future = self._methods.get(request_id)
-        if future is not None and not future.done():
-            future.set_result(result)
+    def method_answered(self, answering: SessionKey, request_id: str, result: MethodResult) -> bool:
+        """Hand ``result`` to the caller if ``answering`` is the session the method was sent to; an answer
+        from any other session (a guessed request id) is ignored, and False says so."""
+        pending = self._methods.get(request_id)
+        if pending is None or pending[0] != answering:
+            return False
+        if not pending[1].done():
+            pending[1].set_result(result)
+        return True
 
     def desired_changed(self, tenant_id: str, key: SessionKey, version: int, patch: JsonObject) -> bool:
         """Push a desired-property patch to the session if it is connected and listening; True if sent."""
@@ -856,7 +862,10 @@ class DeviceConnection(asyncio.Protocol):
                 raise ProtocolViolation(
                     "a method response is over its size bound", code="method_payload_too_large"
                 )
-            self.hub.method_answered(decided.request_id, MethodResult(decided.status, packet.payload))
+            assert self.key is not None
+            answer = MethodResult(decided.status, packet.payload)
+            if not self.hub.method_answered(self.key, decided.request_id, answer):
+                logger.info("%s answered a method it was not asked (or answered too late)", self.peer)
         if packet.qos and not isinstance(decided, topics.Telemetry):
             self.send(codec.PubAck(packet.packet_id or 0))
 
