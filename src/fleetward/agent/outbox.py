@@ -47,6 +47,7 @@ from types import TracebackType
 from typing import TypeVar
 
 from fleetward.agent import dialect
+from fleetward.bounds import check_positive
 from fleetward.errors import ConfigurationError, FleetwardError, PayloadTooLarge, TransportError
 
 T = TypeVar("T")
@@ -97,12 +98,11 @@ class OutboxLimits:
     pending_max: int = 4096
 
     def __post_init__(self) -> None:
-        for name in ("max_messages", "max_bytes", "max_message_bytes", "commit_batch_max", "pending_max"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-            if value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
+        check_positive(
+            self,
+            "outbox limit",
+            only=("max_messages", "max_bytes", "max_message_bytes", "commit_batch_max", "pending_max"),
+        )
         if self.max_message_bytes + _RESERVED_BYTES > self.max_bytes:
             raise ValueError("max_bytes must hold at least one message of max_message_bytes")
 
