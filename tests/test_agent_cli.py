@@ -37,6 +37,7 @@ from fleetward.agent.runtime import Agent
 from fleetward.agent.status import read_status, write_status
 from fleetward.agent.supervisor import AppState
 from fleetward.api import schemas
+from fleetward.cli.entry import command_of
 from fleetward.cli.main import app
 from fleetward.errors import ConfigurationError
 from fleetward.sim.agents import PANEL_MONITOR, panel_monitor_package
@@ -477,7 +478,7 @@ def test_agent_run_runs_until_sigterm_then_stops_in_order(
         [
             sys.executable,
             "-c",
-            "from fleetward.cli.main import main; main()",
+            "from fleetward.cli.entry import main; main()",
             "agent",
             "run",
             "--state-dir",
@@ -510,3 +511,34 @@ def test_agent_run_runs_until_sigterm_then_stops_in_order(
     assert final is not None
     assert not final.running
     assert final.certificate is not None
+
+
+@pytest.mark.parametrize(
+    ("arguments", "command"),
+    [
+        (["agent", "run"], "agent"),
+        (["--json", "agent", "status"], "agent"),
+        (["--url", "https://x", "--tenant", "t", "agent", "status"], "agent"),
+        (["--url", "agent"], None),  # "agent" is the URL here
+        (["tenant", "list"], "tenant"),
+        ([], None),
+    ],
+)
+def test_the_console_script_finds_the_command_past_the_global_options(
+    arguments: list[str], command: str | None
+) -> None:
+    assert command_of(arguments) == command
+
+
+def test_the_agent_s_commands_load_without_the_cloud_s() -> None:
+    """A device runs `fleetward agent run` for days: none of the server's libraries in its memory."""
+    probe = (
+        "import sys\n"
+        "sys.argv = ['fleetward', 'agent', '--help']\n"
+        "from fleetward.cli.entry import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('sqlalchemy', 'alembic', 'fastapi', 'uvicorn') if m in sys.modules))"
+    )
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert "Run this machine as a fleetward device" in shown.stdout
+    assert shown.stdout.strip().splitlines()[-1] == "[]"

@@ -425,7 +425,7 @@ class Probe:
         log_path = self.base / f"agent-run-{len(self.runs) + 1}.log"
         log = log_path.open("wb")
         process = subprocess.Popen(
-            [sys.executable, "-c", "from fleetward.cli.main import main; main()", "agent", "run"],
+            [sys.executable, "-c", "from fleetward.cli.entry import main; main()", "agent", "run"],
             env=self.environment,
             stdout=log,
             stderr=subprocess.STDOUT,

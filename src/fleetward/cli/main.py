@@ -15,45 +15,15 @@ from urllib.parse import urlsplit
 import typer
 
 from fleetward.cli import agent_commands, hub_commands, report_commands, resources
-from fleetward.cli.output import console, errors
-from fleetward.cli.profile import Profile, default_path
+from fleetward.cli.output import console
+from fleetward.cli.profile import Profile
+from fleetward.cli.root import app, run
+
+__all__ = ["app", "main"]
 from fleetward.cli.state import State, fail
 from fleetward.client import FleetwardClient
 from fleetward.config import Settings
 from fleetward.errors import FleetwardError
-
-app = typer.Typer(
-    name="fleetward",
-    help=__doc__,
-    no_args_is_help=True,
-    rich_markup_mode="rich",
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
-
-@app.callback()
-def main_options(
-    context: typer.Context,
-    url: Annotated[str | None, typer.Option(envvar="FLEETWARD_URL", help="API URL.")] = None,
-    token: Annotated[
-        str | None, typer.Option(envvar="FLEETWARD_TOKEN", help="API token.", show_default=False)
-    ] = None,
-    tenant: Annotated[
-        str | None, typer.Option(envvar="FLEETWARD_TENANT", help="Tenant id or name to act in.")
-    ] = None,
-    ca_file: Annotated[
-        str | None, typer.Option(envvar="FLEETWARD_CA_FILE", help="CA bundle to trust the API's TLS with.")
-    ] = None,
-    profile: Annotated[
-        Path | None, typer.Option(envvar="FLEETWARD_CLI_CONFIG", help="CLI profile file.")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
-) -> None:
-    """Secures fleets of connected devices: identity, attestation, 24-hour certificates."""
-    path = profile or default_path()
-    loaded = Profile.load(path).overridden(url=url, token=token, tenant=tenant, ca_file=ca_file)
-    context.obj = State(profile_path=path, profile=loaded, as_json=as_json)
 
 
 @app.command()
@@ -258,9 +228,5 @@ agent_commands.register(app)
 
 
 def main() -> None:
-    """Entry point: turn fleetward's errors into a message and an exit code."""
-    try:
-        app()
-    except FleetwardError as error:
-        errors.print(f"[bold red]error:[/bold red] {error.message} [dim]({error.code})[/dim]")
-        sys.exit(2)
+    """Entry point with every command (``fleetward.cli.entry`` picks the agent's alone when it can)."""
+    run()
