@@ -290,6 +290,51 @@ async def test_a_damaged_or_foreign_database_is_refused_clearly_and_left_untouch
     assert refused.value.code == "outbox_version"
 
 
+VERSION_1_SCHEMA = """
+CREATE TABLE messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL UNIQUE,
+    properties TEXT NOT NULL,
+    body BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    critical INTEGER NOT NULL
+);
+CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO counters (name, value) VALUES ('dropped', 7);
+INSERT INTO messages VALUES (3, 'id-3', '[["$.mid", "id-3"]]', x'6f6c64', 40, 0);
+INSERT INTO messages VALUES (5, 'id-5', '[["$.mid", "id-5"]]', x'616c61726d', 42, 1);
+PRAGMA user_version = 1;
+"""
+
+
+async def test_an_outbox_of_version_1_is_upgraded_in_place_and_keeps_every_message_and_count(
+    tmp_path: Path,
+) -> None:
+    """Version 2 drops the unique index on message ids (ADR 0014): an agent updated with messages waiting
+    sends them all, in order, with their ids, and keeps counting drops where it was."""
+    with sqlite3.connect(tmp_path / "outbox.db") as connection:
+        connection.executescript(VERSION_1_SCHEMA)
+    connection.close()
+    async with Outbox.open(tmp_path) as outbox:
+        await outbox.put(b"new")
+        stats = await outbox.stats()
+        kept = await take_all(outbox)
+    assert [(message.body, message.message_id, message.critical) for message in kept[:2]] == [
+        (b"old", "id-3", False),
+        (b"alarm", "id-5", True),
+    ]
+    assert kept[2].body == b"new"
+    assert kept[2].seq > 5  # seqs keep growing: nothing sent before is confused with what comes after
+    assert stats.dropped == 7
+    with sqlite3.connect(tmp_path / "outbox.db") as connection:
+        indexes = connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'messages'"
+        ).fetchall()
+        (version,) = connection.execute("PRAGMA user_version").fetchone()
+    connection.close()
+    assert (indexes, version) == ([], 2)
+
+
 async def test_a_second_agent_on_the_same_state_directory_is_refused(tmp_path: Path) -> None:
     async with Outbox.open(tmp_path):
         with pytest.raises(ConfigurationError) as refused:

@@ -52,7 +52,8 @@ from fleetward.errors import ConfigurationError, FleetwardError, PayloadTooLarge
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+#: 2: ``message_id`` without a unique index (ADR 0014); a version-1 outbox is rebuilt in place when opened
+SCHEMA_VERSION = 2
 DROPPED = "fleetward.dropped"
 #: what the outbox adds to a message (``$.mid`` and ``fleetward.dropped``), at most, in bytes and pairs
 _RESERVED_BYTES = 96
@@ -61,7 +62,7 @@ _RESERVED_PROPERTIES = 2
 _SCHEMA = """
 CREATE TABLE messages (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    message_id TEXT NOT NULL UNIQUE,
+    message_id TEXT NOT NULL,
     properties TEXT NOT NULL,
     body BLOB NOT NULL,
     size INTEGER NOT NULL,
@@ -355,6 +356,8 @@ def _open(path: Path) -> sqlite3.Connection:
             (tables,) = connection.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
             if tables:
                 raise OutboxCorrupt(f"{path} is a SQLite database, but not an outbox; it was left untouched")
+        elif version == 1:
+            _upgrade_from_1(connection)
         elif version != SCHEMA_VERSION:
             raise OutboxCorrupt(
                 f"{path} has outbox schema {version}, this agent knows {SCHEMA_VERSION}",
@@ -376,6 +379,27 @@ def _open(path: Path) -> sqlite3.Connection:
         connection.close()
         raise
     return connection
+
+
+def _upgrade_from_1(connection: sqlite3.Connection) -> None:
+    """Rebuild the messages table without the unique index on ``message_id``, keeping every message, its
+    seq and the drop counter, in one transaction: a crash leaves version 1 whole, to be upgraded again."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        connection.execute(
+            "CREATE TABLE messages_2 (seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL, "
+            "properties TEXT NOT NULL, body BLOB NOT NULL, size INTEGER NOT NULL, critical INTEGER NOT NULL)"
+        )
+        connection.execute(
+            "INSERT INTO messages_2 SELECT seq, message_id, properties, body, size, critical FROM messages"
+        )
+        connection.execute("DROP TABLE messages")
+        connection.execute("ALTER TABLE messages_2 RENAME TO messages")
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
 
 
 class Outbox:
