@@ -60,6 +60,7 @@ from fleetward.agent.sandbox import AppIdentity, UidRangeIdentities
 from fleetward.agent.supervisor import Supervisor, SupervisorConfig
 from fleetward.clock import FakeClock
 from fleetward.errors import ConfigurationError
+from fleetward.wire import twin as twin_rules
 from tests.agent_apps import (
     COMPONENT,
     OTHER_COMPONENT,
@@ -1028,7 +1029,7 @@ def test_property_a_reported_patch_never_changes_another_namespace(
     apps: dict[str, Json], agent: Json, value: Json
 ) -> None:
     before: JsonObject = {"apps": dict(apps), "agent": agent}
-    after = protocol.merge_patch(before, protocol.reported_patch(COMPONENT, {"k": value}))
+    after = twin_rules.merge(before, protocol.reported_patch(COMPONENT, {"k": value}))
     assert after.get("agent") == before.get("agent")
     assert protocol.app_namespace(after, OTHER_COMPONENT) == protocol.app_namespace(before, OTHER_COMPONENT)
 

@@ -32,7 +32,6 @@ from fleetward.agent.app_protocol import (
     COMPONENT_PROPERTY,
     app_namespace,
     desired_change,
-    merge_patch,
     reported_patch,
 )
 from fleetward.agent.dialect import CloudMessage, Json, JsonObject, MethodCall
@@ -45,6 +44,7 @@ from fleetward.agent.link import (
     Twin,
 )
 from fleetward.errors import Conflict
+from fleetward.wire.twin import merge as merge_patch
 
 logger = logging.getLogger(__name__)
 

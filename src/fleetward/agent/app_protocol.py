@@ -39,6 +39,8 @@ from pydantic import (
 from fleetward.agent import dialect
 from fleetward.agent.dialect import CloudMessage, Json, JsonObject, Properties
 from fleetward.errors import InvalidInput, PayloadTooLarge
+from fleetward.wire.twin import MAX_DEPTH as TWIN_MAX_DEPTH
+from fleetward.wire.twin import check_properties
 
 API_VERSION = 1
 #: The telemetry property the agent sets to the sending application's component id, and the
@@ -55,11 +57,8 @@ MAX_DEFERRAL_REQUEST_SECONDS = 24 * 3600
 #: Properties an application may put on one message: the hub's 64, less the outbox's two and the
 #: component property.
 MAX_APP_PROPERTIES = dialect.MAX_PROPERTIES - 3
-TWIN_MAX_DEPTH = 10
-TWIN_MAX_KEY_CHARS = 128
 #: An application's own object sits at depth 3 of a twin half (``apps`` → component id → it).
 APP_TWIN_DEPTH = 3
-_FORBIDDEN_KEY_CHARACTERS = frozenset(".$ ")
 
 
 class ErrorCode(enum.StrEnum):
@@ -502,31 +501,8 @@ def check_app_patch(patch: Mapping[str, object], max_bytes: int) -> JsonObject:
         raise PayloadTooLarge(
             f"a reported patch holds at most {max_bytes} bytes, this one {size}", code="twin_too_large"
         )
-    _check_object(patch, APP_TWIN_DEPTH)
+    check_properties(patch, APP_TWIN_DEPTH, too_deep=_too_deep)
     return cast(JsonObject, dict(patch))
-
-
-def _check_object(value: Mapping[str, object], depth: int) -> None:
-    if depth > TWIN_MAX_DEPTH:
-        raise _too_deep()
-    for key, item in value.items():
-        if not key or len(key) > TWIN_MAX_KEY_CHARS:
-            raise InvalidInput(f"a twin key is 1 to {TWIN_MAX_KEY_CHARS} characters", code="twin_bad_key")
-        if _FORBIDDEN_KEY_CHARACTERS & set(key) or not key.isprintable():
-            raise InvalidInput(
-                f"twin key {key[:32]!r} holds '.', '$', a space or a control character", code="twin_bad_key"
-            )
-        _check_value(item, depth + 1)
-
-
-def _check_value(item: object, depth: int) -> None:
-    if isinstance(item, dict):
-        _check_object(item, depth)
-    elif isinstance(item, list):
-        if depth > TWIN_MAX_DEPTH:
-            raise _too_deep()
-        for element in item:
-            _check_value(element, depth + 1)
 
 
 def _too_deep() -> InvalidInput:
@@ -547,20 +523,6 @@ def app_namespace(document: Mapping[str, Json], component_id: str) -> JsonObject
     apps = document.get(APPS_KEY)
     mine = apps.get(component_id) if isinstance(apps, dict) else None
     return dict(mine) if isinstance(mine, dict) else {}
-
-
-def merge_patch(document: Mapping[str, Json], patch: Mapping[str, Json]) -> JsonObject:
-    """RFC 7386: ``patch`` applied to ``document`` (``null`` removes a key). Neither input changes."""
-    merged: JsonObject = dict(document)
-    for key, value in patch.items():
-        if value is None:
-            merged.pop(key, None)
-        elif isinstance(value, dict):
-            current = merged.get(key)
-            merged[key] = cast(Json, merge_patch(current if isinstance(current, dict) else {}, value))
-        else:
-            merged[key] = value
-    return merged
 
 
 def desired_change(

@@ -23,13 +23,12 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Union
 from urllib.parse import parse_qsl, quote, urlencode
 
 from fleetward.errors import InvalidInput, ProtocolViolation
+from fleetward.wire.twin import Json as Json
+from fleetward.wire.twin import JsonObject as JsonObject
 
-Json = Union[None, bool, int, float, str, list["Json"], dict[str, "Json"]]  # noqa: UP007 - recursive alias
-JsonObject = dict[str, Json]
 Properties = tuple[tuple[str, str], ...]
 
 API_VERSION = "2021-04-12"

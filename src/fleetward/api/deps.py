@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -13,6 +14,11 @@ from fleetward.registry.access import Principal
 from fleetward.registry.service import RegistryService
 
 MAX_AUTHORIZATION_CHARS = 256
+
+
+def as_utc(moment: dt.datetime | None) -> dt.datetime | None:
+    """A time from a query string: one without a zone is read as UTC."""
+    return moment.replace(tzinfo=dt.UTC) if moment is not None and moment.tzinfo is None else moment
 
 
 def services(request: Request) -> Services:

@@ -20,10 +20,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
 from fleetward.api import schemas
-from fleetward.api.deps import PrincipalDep, RegistryDep
+from fleetward.api.deps import PrincipalDep, RegistryDep, as_utc, services
 from fleetward.bus import subjects
 from fleetward.bus.base import check_token
-from fleetward.compose import Services
 from fleetward.errors import InvalidInput, ServerError
 from fleetward.hub import twin as twin_core
 from fleetward.hub.feed import TelemetryFeed
@@ -35,11 +34,6 @@ from fleetward.wire.identity import check_module_id
 
 router = APIRouter(prefix="/v1/tenants/{tenant_id}", tags=["hub"])
 HEARTBEAT_SECONDS = 15.0
-
-
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
 
 
 def _router(request: Request) -> DeviceRouter:
@@ -94,7 +88,7 @@ async def _device_in(
 ) -> None:
     """The device exists in the tenant and the caller may ``scope`` there (404 or 403 otherwise)."""
     principal.require(tenant_id, scope)
-    await asyncio.to_thread(_services(request).registry.get_device, principal, tenant_id, device_id)
+    await asyncio.to_thread(services(request).registry.get_device, principal, tenant_id, device_id)
 
 
 def _module(module_id: str | None) -> str | None:
@@ -159,7 +153,7 @@ async def _get_twin(
     request: Request, tenant_id: str, device_id: str, principal: PrincipalDep, module_id: str | None
 ) -> schemas.TwinPublic:
     principal.require(tenant_id, Scope.READ)
-    store = _services(request).hub_store
+    store = services(request).hub_store
     twin = await asyncio.to_thread(functools.partial(store.twin, tenant_id, device_id, module_id=module_id))
     document = twin.document()
     return schemas.TwinPublic(
@@ -187,11 +181,11 @@ async def _patch_desired(
     request: Request, tenant_id: str, device_id: str, principal: PrincipalDep, module_id: str | None
 ) -> schemas.DesiredPatched:
     principal.require(tenant_id, Scope.WRITE)
-    services = _services(request)
-    patch = twin_core.parse_patch(await request.body(), services.settings.limits.twin_max_bytes)
+    built = services(request)
+    patch = twin_core.parse_patch(await request.body(), built.settings.limits.twin_max_bytes)
     half = await asyncio.to_thread(
         functools.partial(
-            services.hub_store.patch_twin, tenant_id, device_id, patch, desired=True, module_id=module_id
+            built.hub_store.patch_twin, tenant_id, device_id, patch, desired=True, module_id=module_id
         )
     )
     pushed = await _router(request).desired_changed(
@@ -245,7 +239,7 @@ async def _invoke_method(
         check_method_name(method_name)
     except ValueError as error:
         raise InvalidInput(str(error), code="bad_method_name") from None
-    limits = _services(request).settings.limits
+    limits = services(request).settings.limits
     payload = json.dumps(body.payload).encode()
     if len(payload) > limits.method_max_payload_bytes:
         raise InvalidInput(f"a method payload holds at most {limits.method_max_payload_bytes} bytes")
@@ -280,7 +274,7 @@ async def send_message(
             raise InvalidInput("body is not valid base64") from None
     else:
         content = body.body.encode("utf-8")
-    store = _services(request).hub_store
+    store = services(request).hub_store
     message = await asyncio.to_thread(
         store.enqueue, tenant_id, device_id, content, tuple(body.properties.items()), body.ttl_seconds
     )
@@ -298,7 +292,7 @@ async def list_messages(
 ) -> list[schemas.CloudToDevicePublic]:
     """The device's cloud-to-device messages, newest first: pending, completed or expired."""
     principal.require(tenant_id, Scope.READ)
-    messages = await asyncio.to_thread(_services(request).hub_store.messages, tenant_id, device_id, limit)
+    messages = await asyncio.to_thread(services(request).hub_store.messages, tenant_id, device_id, limit)
     return [_message(message) for message in messages]
 
 
@@ -318,20 +312,16 @@ async def query_telemetry(
     what that module sent."""
     principal.require(tenant_id, Scope.READ)
     messages = await asyncio.to_thread(
-        _services(request).hub_store.query_telemetry,
+        services(request).hub_store.query_telemetry,
         tenant_id,
         device_id,
-        since=_aware(since),
-        until=_aware(until),
+        since=as_utc(since),
+        until=as_utc(until),
         after_id=after_id,
         limit=limit,
         module_id=_module(module_id),
     )
     return [_telemetry(message) for message in messages]
-
-
-def _aware(moment: dt.datetime | None) -> dt.datetime | None:
-    return moment.replace(tzinfo=dt.UTC) if moment is not None and moment.tzinfo is None else moment
 
 
 @router.get(

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response, status
 
 from fleetward.api import schemas
-from fleetward.api.deps import AuthorityDep, PrincipalDep, RegistryDep
+from fleetward.api.deps import AuthorityDep, PrincipalDep, RegistryDep, as_utc
 from fleetward.registry.access import format_scopes
 from fleetward.registry.models import ApiToken, ClaimOutcome, ClaimRequest, DeviceStatus, Scope
 
@@ -315,9 +315,7 @@ def list_events(
     limit: Limit = 100,
 ) -> list[schemas.EventPublic]:
     """Events of the tenant, newest first: what operators did, what devices did, every refusal."""
-    if since is not None and since.tzinfo is None:
-        since = since.replace(tzinfo=dt.UTC)
     events = registry.list_events(
-        principal, tenant_id, device_id=device_id, kind=kind, since=since, limit=limit
+        principal, tenant_id, device_id=device_id, kind=kind, since=as_utc(since), limit=limit
     )
     return [schemas.EventPublic.model_validate(event) for event in events]

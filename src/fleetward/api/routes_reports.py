@@ -13,8 +13,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from fleetward.api import schemas
-from fleetward.api.deps import PrincipalDep
-from fleetward.compose import Services
+from fleetward.api.deps import PrincipalDep, as_utc, services
 from fleetward.monitor.reports import ReportKind, ReportStore, StoredReport, failures_csv
 from fleetward.registry.models import Scope
 from fleetward.wire.baseline import SecurityBaseline
@@ -23,12 +22,7 @@ router = APIRouter(prefix="/v1/tenants/{tenant_id}", tags=["reports"])
 
 
 def _reports(request: Request) -> ReportStore:
-    services: Services = request.app.state.services
-    return services.reports
-
-
-def _aware(moment: dt.datetime | None) -> dt.datetime | None:
-    return moment.replace(tzinfo=dt.UTC) if moment is not None and moment.tzinfo is None else moment
+    return services(request).reports
 
 
 def _public(report: StoredReport) -> schemas.ReportPublic:
@@ -66,8 +60,8 @@ async def list_reports(
         kind=kind,
         device_id=device_id,
         group_id=group_id,
-        since=_aware(since),
-        until=_aware(until),
+        since=as_utc(since),
+        until=as_utc(until),
         after_id=after_id,
         limit=limit,
     )
@@ -96,8 +90,8 @@ async def failures(
         tenant_id,
         device_id=device_id,
         group_id=group_id,
-        since=_aware(since),
-        until=_aware(until),
+        since=as_utc(since),
+        until=as_utc(until),
     )
     if format == "csv":
         return Response(

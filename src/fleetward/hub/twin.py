@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Union
 
 from fleetward.errors import InvalidInput, PayloadTooLarge
-
-Json = Union[None, bool, int, float, str, list["Json"], dict[str, "Json"]]  # noqa: UP007 - recursive alias
-JsonObject = dict[str, Json]
-
-MAX_DEPTH = 10
-MAX_KEY_CHARS = 128
-_FORBIDDEN_KEY_CHARACTERS = frozenset(".$ ")
+from fleetward.wire.twin import MAX_DEPTH as MAX_DEPTH  # the rules are shared with the agent
+from fleetward.wire.twin import Json as Json
+from fleetward.wire.twin import JsonObject as JsonObject
+from fleetward.wire.twin import check_properties, too_deep
+from fleetward.wire.twin import merge as merge
 
 
 @dataclass(frozen=True)
@@ -56,55 +53,17 @@ def parse_patch(body: bytes, max_bytes: int) -> JsonObject:
     except (ValueError, UnicodeDecodeError):
         raise InvalidInput("a twin patch is a JSON object", code="twin_patch_malformed") from None
     except RecursionError:  # thousands of nested arrays or objects: far past the depth bound
-        raise InvalidInput(f"twin properties nest at most {MAX_DEPTH} levels", code="twin_too_deep") from None
+        raise too_deep() from None
     if not isinstance(patch, dict):
         raise InvalidInput("a twin patch is a JSON object", code="twin_patch_malformed")
     patch.pop("$version", None)  # the version is the hub's to keep
-    _check_object(patch, 1)
+    check_properties(patch)
     return patch
 
 
 def _refuse_constant(name: str) -> Json:
     """NaN and Infinity are not JSON (RFC 8259), and a twin must read back in any JSON parser."""
     raise ValueError(f"{name} is not a JSON value")
-
-
-def _check_object(value: JsonObject, depth: int) -> None:
-    if depth > MAX_DEPTH:
-        raise InvalidInput(f"twin properties nest at most {MAX_DEPTH} levels", code="twin_too_deep")
-    for key, item in value.items():
-        if not key or len(key) > MAX_KEY_CHARS:
-            raise InvalidInput(f"a twin key is 1 to {MAX_KEY_CHARS} characters", code="twin_bad_key")
-        if _FORBIDDEN_KEY_CHARACTERS & set(key) or not key.isprintable():
-            raise InvalidInput(
-                f"twin key {key[:32]!r} holds '.', '$', a space or a control character", code="twin_bad_key"
-            )
-        _check_value(item, depth + 1)
-
-
-def _check_value(item: Json, depth: int) -> None:
-    """Objects inside arrays obey the same key rules, and arrays count as levels too."""
-    if isinstance(item, dict):
-        _check_object(item, depth)
-    elif isinstance(item, list):
-        if depth > MAX_DEPTH:
-            raise InvalidInput(f"twin properties nest at most {MAX_DEPTH} levels", code="twin_too_deep")
-        for element in item:
-            _check_value(element, depth + 1)
-
-
-def merge(properties: JsonObject, patch: JsonObject) -> JsonObject:
-    """RFC 7386: ``patch`` applied to ``properties``; ``None`` removes a key. Neither input changes."""
-    merged = dict(properties)
-    for key, value in patch.items():
-        if value is None:
-            merged.pop(key, None)
-        elif isinstance(value, dict):
-            current = merged.get(key)
-            merged[key] = merge(current if isinstance(current, dict) else {}, value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def apply(half: TwinHalf, patch: JsonObject, max_bytes: int) -> TwinHalf:
