@@ -110,7 +110,8 @@ def create_app(services: Services | None, *, limits: Limits | None = None) -> Fa
         except FleetwardError as error:
             logger.error("fleetward cannot start: %s", error)
             raise
-        stop_announcing = _announce_trust(services, bus)
+        # in one process the trust bell wakes its hub directly; other processes hear it on a shared bus
+        stop_announcing = _announce_trust(services, bus) if bus.shared else lambda: None
         try:
             async with batcher:
                 app.state.enrollments = batcher

@@ -177,10 +177,10 @@ class Hub:
         self._trust_seq = 0
         loop = asyncio.get_running_loop()
 
-        def wake() -> None:
-            loop.call_soon_threadsafe(self._wake.set)
+        def rung() -> None:  # any thread
+            loop.call_soon_threadsafe(self.wake)
 
-        self._stop_listening = trust_bell.listen(wake)
+        self._stop_listening = trust_bell.listen(rung)
         self.port = 0
 
     async def start(self, host: str, port: int) -> None:
@@ -200,10 +200,11 @@ class Hub:
         self.port = self._server.sockets[0].getsockname()[1]
         self._tasks = [
             asyncio.create_task(self._follow_trust(), name="hub-trust"),
-            asyncio.create_task(self._hear_trust(), name="hub-trust-bus"),
             asyncio.create_task(self.routes.serve(), name="hub-routes"),
             asyncio.create_task(self._flush_events(), name="hub-events"),
         ]
+        if self.bus.shared:  # in one process the trust bell wakes this hub already
+            self._tasks.append(asyncio.create_task(self._hear_trust(), name="hub-trust-bus"))
 
     async def stop(self) -> None:
         self._stop_listening()  # the bell outlives this hub and its event loop
@@ -291,7 +292,7 @@ class Hub:
         """``trust`` on the bus: another process recorded a trust change (or its tenant's CA may be new)."""
         async with self.bus.subscribe(subjects.TRUST, max_pending=16) as heard:
             async for _message in heard:
-                self._wake.set()
+                self.wake()
 
     async def _flush_events(self) -> None:
         while True:
@@ -313,7 +314,8 @@ class Hub:
 
     # ------------------------------------------------------------------ what the API asks of devices
 
-    def _connected(self, tenant_id: str, key: SessionKey) -> DeviceConnection:
+    def _live(self, tenant_id: str, key: SessionKey) -> DeviceConnection | None:
+        """The session ``key`` of the tenant, if it is connected and past its CONNACK."""
         connection = self.connections.get(key)
         if (
             connection is None
@@ -321,6 +323,12 @@ class Hub:
             or connection.identity is None
             or connection.identity.tenant_id != tenant_id
         ):
+            return None
+        return connection
+
+    def _connected(self, tenant_id: str, key: SessionKey) -> DeviceConnection:
+        connection = self._live(tenant_id, key)
+        if connection is None:
             raise NotFound("the device is not connected", code="device_offline")
         return connection
 
@@ -363,14 +371,8 @@ class Hub:
 
     def desired_changed(self, tenant_id: str, key: SessionKey, version: int, patch: JsonObject) -> bool:
         """Push a desired-property patch to the session if it is connected and listening; True if sent."""
-        connection = self.connections.get(key)
-        if (
-            connection is None
-            or not connection.ready
-            or connection.identity is None
-            or connection.identity.tenant_id != tenant_id
-            or topics.Subscription.TWIN_DESIRED not in connection.subscriptions
-        ):
+        connection = self._live(tenant_id, key)
+        if connection is None or topics.Subscription.TWIN_DESIRED not in connection.subscriptions:
             return False
         body = json.dumps({**patch, "$version": version}).encode()
         connection.send(codec.Publish(topics.desired_patch_topic(version), body))

@@ -13,7 +13,6 @@ import csv
 import datetime as dt
 import hashlib
 import io
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -315,16 +314,11 @@ class ReportStore:
                 row.headline,
                 row.reports,
                 row.devices,
-                _aware(row.first_seen),
-                _aware(row.last_seen),
+                row.first_seen,
+                row.last_seen,
             )
             for row in rows
         ]
-
-
-def _aware(moment: dt.datetime) -> dt.datetime:
-    """Aggregates bypass the column type on some drivers: make the naive UTC aware again."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)
 
 
 def _stored(row: sa.Row[Any]) -> StoredReport:
@@ -368,7 +362,3 @@ def failures_csv(rows: Sequence[FailureSignature]) -> str:
 def _csv_safe(text: str) -> str:
     """A device wrote this text: keep a spreadsheet from reading it as a formula (CSV injection)."""
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
-
-
-def report_json(report: StoredReport) -> object:
-    return json.loads(report.body)
