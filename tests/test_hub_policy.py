@@ -23,7 +23,7 @@ from fleetward.authority import ca
 from fleetward.errors import AccessRefused, InvalidInput, PayloadTooLarge, ProtocolViolation
 from fleetward.hub import topics, twin
 from fleetward.hub.codec import Connect, ConnectReturnCode, Will
-from fleetward.hub.feed import TelemetryFeed
+from fleetward.hub.feed import TelemetryFeed, decode_batch, encode, encode_batch
 from fleetward.hub.session import (
     Backlog,
     ConnectRefused,
@@ -838,3 +838,12 @@ async def test_a_slow_stream_subscriber_loses_the_oldest_messages_and_is_told_ho
     received = [await first, await anext(follow)]
     await follow.aclose()
     assert [(item.id, missed) for item, missed in received] == [(4, 3), (5, 3)]
+
+
+def test_the_live_stream_s_batches_carry_the_module_that_sent_a_message() -> None:
+    at = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    messages = [
+        TelemetryMessage("t", "d" * 64, at, (("k", "v"),), b"from the device", id=1),
+        TelemetryMessage("t", "d" * 64, at, (), b"from a module", id=2, module_id="fleetward-agent"),
+    ]
+    assert decode_batch(encode_batch([encode(message) for message in messages])) == messages

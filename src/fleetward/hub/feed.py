@@ -45,6 +45,7 @@ def encode(message: TelemetryMessage) -> bytes:
             message.received_at.isoformat(),
             message.properties,
             base64.b64encode(message.body).decode("ascii"),
+            message.module_id,
         ],
         separators=(",", ":"),
     ).encode()
@@ -68,8 +69,9 @@ def decode_batch(data: bytes) -> list[TelemetryMessage]:
                 properties=tuple((_text(key), _text(value)) for key, value in properties),
                 body=base64.b64decode(body, validate=True),
                 id=identifier if isinstance(identifier, int) and not isinstance(identifier, bool) else 0,
+                module_id=None if module_id is None else _text(module_id),
             )
-            for identifier, tenant_id, device_id, received_at, properties, body in items
+            for identifier, tenant_id, device_id, received_at, properties, body, module_id in items
         ]
     except (TypeError, ValueError, UnicodeDecodeError, binascii.Error) as error:
         raise ValueError(f"not a telemetry batch: {type(error).__name__}") from None
