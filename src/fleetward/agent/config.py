@@ -33,7 +33,6 @@ from fleetward.agent.launch import InstallRecord, LaunchConfig
 from fleetward.errors import ConfigurationError
 from fleetward.wire.evidence import Measurement
 from fleetward.wire.identity import SHA256_HEX_PATTERN, check_module_id
-from fleetward.wire.reports import COMPONENT_ID_PATTERN
 
 CONFIG_NAME = "agent.toml"
 ENV_PREFIX = "FLEETWARD_AGENT_"
@@ -563,12 +562,6 @@ def render_install_record(record: InstallRecord, base: Path) -> str:
     if record.signature_path is not None:
         lines.append(f"signature = {_quote(shown(record.signature_path))}")
     return "\n".join(lines) + "\n"
-
-
-def check_component_id(text: str) -> str:
-    if not re.fullmatch(COMPONENT_ID_PATTERN, text):
-        raise ConfigurationError(f"{text[:40]!r} is not a component id (a lower-case GUID)")
-    return text
 
 
 # ------------------------------------------------------------------------------------------- writing

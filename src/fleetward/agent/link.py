@@ -636,7 +636,7 @@ class HubLink:
 
     async def _watch_quarantine(self, session: _Session) -> None:
         while session.quarantined:
-            await asyncio.sleep(self._settings.quarantine_retry_seconds)
+            await self._sleep(self._settings.quarantine_retry_seconds)
             (code,) = await session.client.subscribe(dialect.METHODS)
             if code != codec.SUBACK_FAILURE:
                 logger.info("the hub has released this device from quarantine")
@@ -741,7 +741,7 @@ class HubLink:
                 except FleetwardError as error:
                     logger.warning("could not read the desired properties: %s", error)
                     session.resync = True
-                    await asyncio.sleep(min(5.0, self._settings.request_timeout_seconds))
+                    await self._sleep(min(5.0, self._settings.request_timeout_seconds))
                     continue
                 if twin.desired_version > self._desired_version:
                     await self._hand_desired(

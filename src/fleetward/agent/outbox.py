@@ -141,6 +141,8 @@ class _Draft:
     properties: dialect.Properties
     body: bytes
     critical: bool
+    #: body plus encoded properties, as the bounds count it
+    size: int
 
 
 def prepare(
@@ -163,7 +165,7 @@ def prepare(
             f"a message is at most {limits.max_message_bytes} bytes with its properties, this one {size}",
             code="message_too_large",
         )
-    return _Draft(message_id, pairs, bytes(body), bool(critical))
+    return _Draft(message_id, pairs, bytes(body), bool(critical), size)
 
 
 class _Database:
@@ -215,8 +217,7 @@ class _Database:
         count, size_total, dropped = self.count, self.bytes, self.dropped
         with self._transaction() as cursor:
             for draft in drafts:
-                properties = draft.properties
-                size = len(draft.body) + len(dialect.encode_properties(properties))
+                properties, size = draft.properties, draft.size
                 if count + 1 > self._limits.max_messages or size_total + size > self._limits.max_bytes:
                     # Room for the message and for the drop count it will carry.
                     need_count = count + 1 - self._limits.max_messages

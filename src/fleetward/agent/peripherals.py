@@ -185,10 +185,6 @@ class SimulatedPeripherals:
             self._i2c[_key(bus, address)] = memory
             self._i2c_pointer[_key(bus, address)] = 0
 
-    def i2c_registers(self, bus: Peripheral, address: int) -> bytes:
-        with self._lock:
-            return bytes(self._i2c[_key(bus, address)])
-
     def script_spi(self, bus: Peripheral, chip_select: int, *responses: bytes) -> None:
         """What the next transfers on ``bus``/``chip_select`` read, in order (cut or zero-padded)."""
         with self._lock:

@@ -33,6 +33,7 @@ from typing import Protocol
 from fleetward.agent.backoff import full_jitter
 from fleetward.agent.credential import CredentialFile
 from fleetward.agent.enroll import OperationalCredential, renewal_time
+from fleetward.bounds import check_positive, seconds_may_be_fractions
 from fleetward.clock import Clock, SystemClock
 from fleetward.errors import AttestationRefused, ConfigurationError, FleetwardError
 from fleetward.wire.evidence import EnrollmentResponse
@@ -52,14 +53,13 @@ class RenewalPolicy:
     last_chance_seconds: float = 300.0
 
     def __post_init__(self) -> None:
-        for name in ("backoff_first_seconds", "backoff_cap_seconds", "last_chance_seconds"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise TypeError(f"{name} is a number of seconds")
-            if not value > 0:
-                raise ValueError(f"{name} must be positive")
+        check_positive(self, "renewal policy", fractional=seconds_may_be_fractions)
         if self.backoff_first_seconds > self.backoff_cap_seconds:
             raise ValueError("backoff_first_seconds cannot exceed backoff_cap_seconds")
+
+    def last_chance(self, issued: EnrollmentResponse) -> dt.datetime:
+        """When the last try before the certificate's expiry starts."""
+        return issued.not_after - dt.timedelta(seconds=self.last_chance_seconds)
 
 
 class Action(enum.StrEnum):
@@ -96,7 +96,7 @@ class Step:
 
 def planned_renewal(issued: EnrollmentResponse, policy: RenewalPolicy, rng: random.Random) -> dt.datetime:
     """:func:`renewal_time` of ``issued``, no later than the last chance (a very short certificate)."""
-    last_chance = issued.not_after - dt.timedelta(seconds=policy.last_chance_seconds)
+    last_chance = policy.last_chance(issued)
     return max(issued.renew_after, min(renewal_time(issued, rng), last_chance))
 
 
@@ -129,7 +129,7 @@ def after_failure(
     failures = state.failures + 1
     retry_at = now + retry_delay(failures, policy, rng)
     if state.issued is not None:
-        last_chance = state.issued.not_after - dt.timedelta(seconds=policy.last_chance_seconds)
+        last_chance = policy.last_chance(state.issued)
         if now < last_chance:  # never past expiry without one more try
             retry_at = min(retry_at, last_chance)
     return replace(state, failures=failures, retry_at=retry_at, last_refusal=refusal or state.last_refusal)

@@ -38,6 +38,3 @@ class MemoryReporter:
         async with asyncio.timeout(timeout_seconds), self._changed:
             await self._changed.wait_for(lambda: predicate(self.reports))
         return list(self.reports)
-
-    def of_kind(self, kind: str) -> list[AgentReport]:
-        return [report for report in self.reports if report.kind == kind]

@@ -29,10 +29,11 @@ import os
 import pwd
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from fleetward.bounds import check_positive
 from fleetward.errors import ConfigurationError
 
 TRAMPOLINE = r"""
@@ -109,12 +110,7 @@ class ResourceLimits:
     cpu_seconds: int = 24 * 3600
 
     def __post_init__(self) -> None:
-        for item in fields(self):
-            value = getattr(self, item.name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"resource limit {item.name} must be an int")
-            if value <= 0:
-                raise ValueError(f"resource limit {item.name} must be positive, got {value}")
+        check_positive(self, "resource limit")
 
     def rlimits(self, *, file_size_bytes: int) -> list[tuple[str, int]]:
         """The ``resource`` names and values the trampoline sets."""

@@ -284,10 +284,6 @@ async def _renewed(agent: Agent, serial: str) -> AgentStatus | None:
     return status if status.certificate and status.certificate.serial != serial else None
 
 
-async def _drained(agent: Agent) -> bool:
-    return (await agent.status()).outbox.messages == 0
-
-
 async def _disconnected(agent: Agent) -> bool:
     return not (await agent.status()).link.connected
 
