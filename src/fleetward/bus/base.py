@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, Self, TypeVar
 
 from fleetward.errors import TransportError
 
@@ -188,3 +188,56 @@ class Inbox(Generic[T]):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+class InboxSubscription:
+    """What every bus's subscription shares: its subjects, a bounded inbox, ``async for`` and closing.
+    A bus says what adding and removing a subject means to it (:meth:`_attached`, :meth:`_detached`)."""
+
+    def __init__(self, max_pending: int) -> None:
+        self._inbox: Inbox[Message] = Inbox(max_pending)
+        self._subjects: set[str] = set()
+
+    @property
+    def missed(self) -> int:
+        return self._inbox.missed
+
+    def add(self, subject: str) -> None:
+        if self._inbox.closed or subject in self._subjects:
+            return
+        check_subject(subject, wildcard=True)
+        self._subjects.add(subject)
+        self._attached(subject)
+
+    def discard(self, subject: str) -> None:
+        if subject in self._subjects:
+            self._subjects.discard(subject)
+            self._detached(subject)
+
+    def _attached(self, subject: str) -> None:
+        raise NotImplementedError
+
+    def _detached(self, subject: str) -> None:
+        raise NotImplementedError
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self
+
+    async def __anext__(self) -> Message:
+        return await self._inbox.get()
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for subject in list(self._subjects):
+            self.discard(subject)
+        self._inbox.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -9,62 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
-from types import TracebackType
 
-from fleetward.bus.base import Inbox, Message, NoResponders, RequestTimedOut, check_subject
+from fleetward.bus.base import InboxSubscription, Message, NoResponders, RequestTimedOut, check_subject
 from fleetward.errors import TransportError
 
 
-class LocalSubscription:
+class LocalSubscription(InboxSubscription):
     def __init__(self, bus: LocalBus, max_pending: int) -> None:
+        super().__init__(max_pending)
         self._bus = bus
-        self._inbox: Inbox[Message] = Inbox(max_pending)
-        self._subjects: set[str] = set()
-
-    @property
-    def missed(self) -> int:
-        return self._inbox.missed
 
     def deliver(self, message: Message) -> None:
         self._inbox.put(message)
 
-    def add(self, subject: str) -> None:
-        if self._inbox.closed or subject in self._subjects:
-            return
-        check_subject(subject, wildcard=True)
-        self._subjects.add(subject)
+    def _attached(self, subject: str) -> None:
         self._bus._attach(self, subject)
 
-    def discard(self, subject: str) -> None:
-        if subject in self._subjects:
-            self._subjects.discard(subject)
-            self._bus._detach(self, subject)
+    def _detached(self, subject: str) -> None:
+        self._bus._detach(self, subject)
 
     async def settled(self) -> None:
         return  # in effect as soon as added
-
-    def __aiter__(self) -> AsyncIterator[Message]:
-        return self
-
-    async def __anext__(self) -> Message:
-        return await self._inbox.get()
-
-    async def aclose(self) -> None:
-        self.close()
-
-    def close(self) -> None:
-        for subject in list(self._subjects):
-            self.discard(subject)
-        self._inbox.close()
-
-    async def __aenter__(self) -> LocalSubscription:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 class LocalBus:

@@ -20,9 +20,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from types import TracebackType
 from urllib.parse import urlsplit
 
 import nats.errors
@@ -30,7 +28,14 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as WireSubscription
 
-from fleetward.bus.base import Inbox, Message, NoResponders, RequestTimedOut, check_subject, check_token
+from fleetward.bus.base import (
+    InboxSubscription,
+    Message,
+    NoResponders,
+    RequestTimedOut,
+    check_subject,
+    check_token,
+)
 from fleetward.errors import ConfigurationError, TransportError
 
 logger = logging.getLogger(__name__)
@@ -94,30 +99,19 @@ class _Flush:
 _Op = _Publish | _Subscribe | _Unsubscribe | _Flush
 
 
-class NatsSubscription:
+class NatsSubscription(InboxSubscription):
     def __init__(self, bus: NatsBus, max_pending: int) -> None:
+        super().__init__(max_pending)
         self._bus = bus
-        self._inbox: Inbox[Message] = Inbox(max_pending)
         self.max_pending = max_pending
-        self._subjects: set[str] = set()
         #: what NATS has (or is about to have), by subject: the writer task's to change
         self.wire: dict[str, WireSubscription] = {}
 
-    @property
-    def missed(self) -> int:
-        return self._inbox.missed
-
-    def add(self, subject: str) -> None:
-        if self._inbox.closed or subject in self._subjects:
-            return
-        check_subject(subject, wildcard=True)
-        self._subjects.add(subject)
+    def _attached(self, subject: str) -> None:
         self._bus._queue(_Subscribe(self, subject))
 
-    def discard(self, subject: str) -> None:
-        if subject in self._subjects:
-            self._subjects.discard(subject)
-            self._bus._queue(_Unsubscribe(self, subject))
+    def _detached(self, subject: str) -> None:
+        self._bus._queue(_Unsubscribe(self, subject))
 
     async def settled(self) -> None:
         await self._bus.settled()
@@ -125,28 +119,9 @@ class NatsSubscription:
     async def receive(self, msg: Msg) -> None:
         self._inbox.put(Message(self._bus.unprefixed(msg.subject), msg.data, msg.reply or None))
 
-    def __aiter__(self) -> AsyncIterator[Message]:
-        return self
-
-    async def __anext__(self) -> Message:
-        return await self._inbox.get()
-
-    async def aclose(self) -> None:
-        self.close()
-
     def close(self) -> None:
-        for subject in list(self._subjects):
-            self.discard(subject)
-        self._inbox.close()
+        super().close()
         self._bus.subscriptions.discard(self)
-
-    async def __aenter__(self) -> NatsSubscription:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 class NatsBus:
