@@ -11,7 +11,7 @@ import typer
 
 from fleetward.api import schemas
 from fleetward.cli.output import console, show_one
-from fleetward.cli.resources import TenantOption, device_app, in_tenant, list_in_tenant
+from fleetward.cli.resources import TenantOption, device_app, in_tenant, list_in_tenant, query
 from fleetward.cli.state import fail
 from fleetward.transport import check, network_error
 
@@ -170,11 +170,7 @@ def telemetry_list(
     module: Annotated[str | None, typer.Option("--module", help="Only what this module sent.")] = None,
 ) -> None:
     """List stored telemetry, oldest first."""
-    params: dict[str, str | int] = {"limit": limit}
-    pairs = (("device_id", device_id), ("since", since), ("after_id", after_id), ("module_id", module))
-    for key, value in pairs:
-        if value is not None:
-            params[key] = value
+    params = query(limit=limit, device_id=device_id, since=since, after_id=after_id, module_id=module)
     list_in_tenant(
         context,
         tenant,

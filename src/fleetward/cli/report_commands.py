@@ -9,7 +9,7 @@ import typer
 
 from fleetward.api import schemas
 from fleetward.cli.output import console, show_one
-from fleetward.cli.resources import TenantOption, device_app, in_tenant, list_in_tenant
+from fleetward.cli.resources import TenantOption, device_app, in_tenant, list_in_tenant, query
 
 report_app = typer.Typer(
     name="report",
@@ -31,10 +31,6 @@ UntilFilter = Annotated[str | None, typer.Option(help="Received before this ISO 
 def register(app: typer.Typer) -> None:
     app.add_typer(report_app)
     app.add_typer(failure_app)
-
-
-def _filters(**values: str | int | None) -> dict[str, str | int]:
-    return {key: value for key, value in values.items() if value is not None}
 
 
 @report_app.command("list")
@@ -60,7 +56,7 @@ def report_list(
         schemas.ReportPublic,
         ["id", "device_id", "kind", "headline", "occurred_at"],
         "Reports",
-        _filters(
+        query(
             kind=kind,
             device_id=device_id,
             group_id=group_id,
@@ -89,7 +85,7 @@ def failure_list(
         schemas.FailureSignaturePublic,
         ["kind", "headline", "count", "devices", "last_seen", "signature"],
         "Failures",
-        _filters(device_id=device_id, group_id=group_id, since=since, until=until),
+        query(device_id=device_id, group_id=group_id, since=since, until=until),
     )
 
 
@@ -106,7 +102,7 @@ def failure_download(
 ) -> None:
     """Write the grouped failures to a file, as CSV (for a spreadsheet) or JSON."""
     _state, client, tenant_id = in_tenant(context, tenant)
-    params = _filters(device_id=device_id, group_id=group_id, since=since, until=until, format=format)
+    params = query(device_id=device_id, group_id=group_id, since=since, until=until, format=format)
     with client:
         response = client.request("GET", f"/v1/tenants/{tenant_id}/failures", params=params)
     output.write_bytes(response.content)

@@ -24,6 +24,11 @@ def me(client: FleetwardClient) -> schemas.Me:
     return client.get("/v1/me", schemas.Me)
 
 
+def query(**values: str | int | None) -> dict[str, str | int]:
+    """Query parameters from options, leaving out those not given."""
+    return {key: value for key, value in values.items() if value is not None}
+
+
 def in_tenant(context: typer.Context, tenant: str | None) -> tuple[State, FleetwardClient, str]:
     state: State = context.obj
     client = state.client()
