@@ -14,7 +14,9 @@ Every error fleetward raises on purpose is a :class:`FleetwardError` and carries
     │   ├── AttestationRefused       evidence, nonce or CSR failed verification
     │   ├── ProtocolViolation        a device broke the MQTT protocol (the hub closes the connection)
     │   ├── AccessRefused            a device reached for what it may not (a topic, a session)
-    │   └── LaunchRefused            an application package failed verification: not started, not measured
+    │   ├── LaunchRefused            an application package failed verification: not started, not measured
+    │   └── UpdateRefused            update metadata, an assignment or an image failed verification: the
+    │                                device stays on what it runs
     ├── AccessDenied
     │   ├── Unauthenticated          no credentials, or credentials that are not valid (HTTP 401)
     │   └── PermissionDenied         valid credentials without the right role or scope (HTTP 403)
@@ -101,6 +103,12 @@ class LaunchRefused(SecurityRefusal):
     """
 
     default_code = "launch_refused"
+
+
+class UpdateRefused(SecurityRefusal):
+    """TUF metadata, a director assignment or an image failed verification; nothing was installed."""
+
+    default_code = "update_refused"
 
 
 class AccessDenied(FleetwardError):

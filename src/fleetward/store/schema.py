@@ -314,3 +314,112 @@ device_reports = Table(
     Index("ix_device_reports_tenant_signature", "tenant_id", "signature"),
     Index("ix_device_reports_tenant_received", "tenant_id", "received_at"),
 )
+
+
+# ---------------------------------------------------------------------- updates (migration 0005)
+
+tuf_keys = Table(
+    "tuf_keys",
+    metadata,
+    # The online keys of each tenant's image repository and director (sealed like the CA keys), and the
+    # public half of the offline root keys (no private part: it never reaches the server).
+    Column("keyid", String(64), primary_key=True),
+    Column("tenant_id", String(ID), ForeignKey("tenants.id"), nullable=False),
+    Column("role", String(NAME), nullable=False),  # root, targets, snapshot, timestamp, director, a product
+    Column("public_key", Text, nullable=False),  # the TUF key as JSON
+    Column("sealed_key", LargeBinary, nullable=True),  # None for an offline key
+    Column("active", Boolean, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Index("ix_tuf_keys_tenant_role", "tenant_id", "role"),
+)
+
+tuf_metadata = Table(
+    "tuf_metadata",
+    metadata,
+    # Every version of every role of a tenant's image repository, as served (signed JSON bytes).
+    Column("tenant_id", String(ID), ForeignKey("tenants.id"), primary_key=True),
+    Column("role", String(NAME), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("body", LargeBinary, nullable=False),
+    Column("expires_at", UtcDateTime, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+images = Table(
+    "images",
+    metadata,
+    # A published image: an application's (or the agent's) signed package, a target of the repository.
+    Column("id", String(ID), primary_key=True),
+    Column("tenant_id", String(ID), ForeignKey("tenants.id"), nullable=False),
+    Column("product_id", String(ID), ForeignKey("products.id"), nullable=False),
+    Column("component_id", String(36), nullable=False),
+    Column("kind", String(16), nullable=False),  # app | agent
+    Column("version", String(64), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("length", BigInteger, nullable=False),
+    Column("target_path", String(512), nullable=False),
+    Column("publisher_signature", LargeBinary, nullable=False),
+    Column("manifest", Text, nullable=False),  # the application's manifest, JSON
+    Column("created_by", String(NAME), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    UniqueConstraint("tenant_id", "product_id", "component_id", "version"),
+)
+
+image_blobs = Table(
+    "image_blobs",
+    metadata,
+    # The bytes of images and of deltas between them, by content.
+    Column("tenant_id", String(ID), ForeignKey("tenants.id"), primary_key=True),
+    Column("sha256", String(64), primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+)
+
+image_deltas = Table(
+    "image_deltas",
+    metadata,
+    # A bsdiff delta from one image to the next version of the same component.
+    Column("tenant_id", String(ID), ForeignKey("tenants.id"), primary_key=True),
+    Column("base_sha256", String(64), primary_key=True),
+    Column("target_sha256", String(64), primary_key=True),
+    Column("sha256", String(64), nullable=False),
+    Column("length", BigInteger, nullable=False),
+    Column("target_path", String(512), nullable=False),
+)
+
+deployments = Table(
+    "deployments",
+    metadata,
+    # What a device group must run: a set of images, one current deployment per group at a time.
+    Column("id", String(ID), primary_key=True),
+    Column("tenant_id", String(ID), ForeignKey("tenants.id"), nullable=False),
+    Column("group_id", String(ID), ForeignKey("device_groups.id"), nullable=False),
+    Column("image_ids", Text, nullable=False),  # JSON list
+    Column("previous_id", String(ID), nullable=True),  # the deployment it replaced (what a revert restores)
+    Column("state", String(16), nullable=False),  # rolling_out | current | superseded | aborted | reverted
+    Column("rollout", Text, nullable=False),  # the rollout plan and its progress, JSON
+    Column("reason", Text, nullable=False, default=""),
+    Column("created_by", String(NAME), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Index("ix_deployments_tenant_group", "tenant_id", "group_id", "created_at"),
+)
+
+device_updates = Table(
+    "device_updates",
+    metadata,
+    # Where each device is with the deployment it was assigned: its wave, state, and why.
+    Column("tenant_id", String(ID), nullable=False),
+    Column("device_id", String(DEVICE_ID), ForeignKey("devices.id"), primary_key=True),
+    Column("deployment_id", String(ID), ForeignKey("deployments.id"), nullable=True),
+    Column("wave", Integer, nullable=True),
+    Column("assignment_version", Integer, nullable=False),
+    Column("state", String(16), nullable=False),  # assigned | downloading | trial | installed | …
+    Column("code", String(64), nullable=True),
+    Column("message", Text, nullable=False, default=""),
+    Column("bytes_downloaded", BigInteger, nullable=False, default=0),
+    Column("bytes_saved", BigInteger, nullable=False, default=0),
+    Column("components", Text, nullable=False, default="[]"),  # what it reported running, JSON
+    Column("assigned_at", UtcDateTime, nullable=True),
+    Column("reported_at", UtcDateTime, nullable=True),
+    Index("ix_device_updates_tenant_deployment", "tenant_id", "deployment_id", "state"),
+)
