@@ -50,6 +50,10 @@ DIRECTOR_FIELD = "x-fleetward-director"
 #: The fields of an assignment's ``signed`` part beside the standard targets fields.
 DEVICE_FIELD = "x-fleetward-device"
 DEPLOYMENT_FIELD = "x-fleetward-deployment"
+#: An assignment's maintenance window: ``{"start": "HH:MM", "end": "HH:MM"}`` in UTC (absent: any time).
+WINDOW_FIELD = "x-fleetward-window"
+#: A product role's security floors: ``{component id: lowest version a device may install}``.
+FLOORS_FIELD = "x-fleetward-floors"
 #: The name under which an assignment is verified (it is not a role of the image repository).
 DIRECTOR_ROLE = "director"
 
@@ -87,9 +91,44 @@ def delta_path(product_id: str, component_id: str, version: str, base_sha256: st
     return f"{product_id}/{component_id}/{version}/from-{base_sha256}.bsdiff"
 
 
+def product_role(product_id: str) -> str:
+    """The name of the delegated targets role that signs a product's images."""
+    return f"product-{product_id}"
+
+
 def product_of(path: str) -> str:
     """The product a target path belongs to (its first segment)."""
     return path.split("/", 1)[0]
+
+
+@dataclass(frozen=True)
+class MaintenanceWindow:
+    """The daily UTC window within which a device may install (``end`` before ``start`` spans midnight)."""
+
+    start: dt.time
+    end: dt.time
+
+    def __post_init__(self) -> None:
+        if self.start.tzinfo is not None or self.end.tzinfo is not None:
+            raise ValueError("a maintenance window is in UTC, without a time zone")
+
+    def contains(self, moment: dt.datetime) -> bool:
+        now = moment.astimezone(dt.UTC).time().replace(tzinfo=None)
+        if self.start <= self.end:
+            return self.start <= now < self.end
+        return now >= self.start or now < self.end
+
+    def to_dict(self) -> dict[str, str]:
+        return {"start": self.start.strftime("%H:%M"), "end": self.end.strftime("%H:%M")}
+
+    @classmethod
+    def from_dict(cls, value: object) -> MaintenanceWindow:
+        if not isinstance(value, Mapping):
+            raise ValueError("a maintenance window is an object with start and end")
+        try:
+            return cls(dt.time.fromisoformat(str(value["start"])), dt.time.fromisoformat(str(value["end"])))
+        except (KeyError, ValueError):
+            raise ValueError("a maintenance window has start and end as HH:MM") from None
 
 
 class TargetCustom(BaseModel):
@@ -156,14 +195,22 @@ def assignment(
     *,
     version: int,
     expires: dt.datetime,
+    window: MaintenanceWindow | None = None,
 ) -> Metadata[Targets]:
-    """An unsigned assignment: ``device_id`` must run ``targets``, as deployment ``deployment_id`` says."""
+    """An unsigned assignment: ``device_id`` must run ``targets``, as deployment ``deployment_id`` says.
+
+    ``expires`` is whole seconds: TUF's format has no fractions.
+    """
+    expires = expires.replace(microsecond=0)
+    fields: dict[str, Any] = {DEVICE_FIELD: device_id, DEPLOYMENT_FIELD: deployment_id}
+    if window is not None:
+        fields[WINDOW_FIELD] = window.to_dict()
     signed = Targets(
         version=version,
         spec_version="1.0.31",
         expires=expires,
         targets=dict(targets),
-        unrecognized_fields={DEVICE_FIELD: device_id, DEPLOYMENT_FIELD: deployment_id},
+        unrecognized_fields=fields,
     )
     return Metadata(signed)
 
@@ -177,6 +224,7 @@ class Assignment:
     deployment_id: str
     expires: dt.datetime
     targets: Mapping[str, TargetFile]
+    window: MaintenanceWindow | None = None
 
 
 def verify_assignment(
@@ -231,7 +279,14 @@ def verify_assignment(
             f"the assignment's version {signed.version} is older than the {newer_than} already seen",
             code="assignment_rollback",
         )
+    try:
+        window = MaintenanceWindow.from_dict(fields[WINDOW_FIELD]) if WINDOW_FIELD in fields else None
+    except ValueError as error:
+        raise UpdateRefused(
+            f"the assignment's window is malformed: {error}", code="assignment_malformed"
+        ) from None
     return Assignment(
+        window=window,
         version=signed.version,
         device_id=device_id,
         deployment_id=deployment,
