@@ -96,6 +96,13 @@ def product_role(product_id: str) -> str:
     return f"product-{product_id}"
 
 
+def product_paths(product_id: str) -> list[str]:
+    """The path patterns of a product's delegation: python-tuf matches a pattern segment by segment (a
+    ``*`` never spans a ``/``), so ``<product>/*`` would not cover the four segments of :func:`target_path`
+    and :func:`delta_path`."""
+    return [f"{product_id}/*/*/*"]
+
+
 def product_of(path: str) -> str:
     """The product a target path belongs to (its first segment)."""
     return path.split("/", 1)[0]
