@@ -110,6 +110,21 @@ SCHEMA: dict[str, Key] = {
     ),
     "limits.app_log_bytes": Key("int", 8 * 1024, "stdout and stderr kept per application", 1, 8 * 1024),
     "limits.shutdown_flush_seconds": Key("float", 5.0, "at shutdown, waiting for the hub to take the outbox"),
+    "updates.root_file": Key(
+        "path",
+        None,
+        "the tenant's TUF root.json the device trusts (`fleetward repo root`); unset: no updates",
+    ),
+    "updates.product_id": Key(
+        "str", None, "the product whose images this device installs (required with updates)"
+    ),
+    "updates.poll_seconds": Key(
+        "float", 3600.0, "how often the agent looks for updates by itself", 1, 7 * 86400
+    ),
+    "updates.trial_seconds": Key(
+        "float", 30.0, "an updated application must stay up this long, or it is rolled back", 0.01, 86400
+    ),
+    "updates.max_image_bytes": Key("int", 64 * 1024 * 1024, "the largest image the agent downloads", 1024),
     "sandbox.first_app_uid": Key("int", 200_000, "as root: the first uid given to applications", 1000),
     "sandbox.app_uid_count": Key("int", 1000, "as root: how many uids applications may get", 1),
     "sandbox.network_namespaces": Key("bool", True, "as root: each application in a network namespace"),
@@ -120,7 +135,7 @@ SCHEMA: dict[str, Key] = {
     "sandbox.crash_loop_window_seconds": Key("float", 600.0, "the crash-loop window", 0.001),
 }
 
-SECTIONS = ("hub", "root_of_trust", "agent", "intervals", "limits", "sandbox")
+SECTIONS = ("hub", "root_of_trust", "agent", "intervals", "limits", "updates", "sandbox")
 
 
 # ------------------------------------------------------------------------------------------- the records
@@ -191,6 +206,17 @@ class AgentLimits:
 
 
 @dataclass(frozen=True)
+class UpdateSettings:
+    """Where the agent's updates come from; present only when ``updates.root_file`` is set."""
+
+    root_file: Path
+    product_id: str
+    poll_seconds: float = 3600.0
+    trial_seconds: float = 30.0
+    max_image_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
 class SandboxSettings:
     first_app_uid: int = 200_000
     app_uid_count: int = 1000
@@ -221,6 +247,7 @@ class AgentSettings:
     intervals: Intervals = field(default_factory=Intervals)
     limits: AgentLimits = field(default_factory=AgentLimits)
     sandbox: SandboxSettings = field(default_factory=SandboxSettings)
+    updates: UpdateSettings | None = None
 
     # --- the state directory's layout
 
@@ -421,7 +448,17 @@ def _build(state_dir: Path, values: dict[str, object], origin: Path) -> AgentSet
         intervals=Intervals(**section("intervals")),  # type: ignore[arg-type]
         limits=_limits(section("limits"), origin),
         sandbox=SandboxSettings(**section("sandbox")),  # type: ignore[arg-type]
+        updates=_updates(section("updates"), origin),
     )
+
+
+def _updates(values: dict[str, object], origin: Path) -> UpdateSettings | None:
+    if values["root_file"] is None:
+        return None
+    product = values["product_id"]
+    if not isinstance(product, str) or not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,63}", product):
+        raise ConfigurationError(f"{origin}: updates.product_id must name the device's product")
+    return UpdateSettings(**values)  # type: ignore[arg-type]
 
 
 def _limits(values: dict[str, object], origin: Path) -> AgentLimits:

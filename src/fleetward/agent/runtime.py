@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import datetime as dt
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Iterable, Mapping
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 
@@ -46,13 +48,14 @@ import httpx
 
 from fleetward.agent.app_api import AppApiServer, AppEndpoint, AppServices
 from fleetward.agent.app_cloud import CloudRouter
-from fleetward.agent.app_services import AppCredentialCopies, DirectoryUsage, SystemEvents
+from fleetward.agent.app_services import AppCredentialCopies, DeferralLedger, DirectoryUsage, SystemEvents
 from fleetward.agent.baseline import BaselineCollector
 from fleetward.agent.boot import Boot, measured_boot, open_root_of_trust, root_kind
-from fleetward.agent.config import AgentSettings, SoftwareRoot
+from fleetward.agent.config import AgentSettings, SoftwareRoot, UpdateSettings, load_install_records
 from fleetward.agent.credential import CredentialFile
 from fleetward.agent.dialect import MethodCall
 from fleetward.agent.enroll import EnrollmentClient, OperationalCredential
+from fleetward.agent.launch import InstallRecord, LaunchedApp, Launcher
 from fleetward.agent.link import HubLink, LinkSettings, MethodResult
 from fleetward.agent.outbox import Outbox, OutboxLimits
 from fleetward.agent.peripherals import LinuxPeripherals, Peripherals, SimulatedPeripherals
@@ -71,18 +74,21 @@ from fleetward.agent.status import (
     StateLock,
     write_status,
 )
-from fleetward.agent.supervisor import AppHandle, RestartPolicy, Supervisor, SupervisorConfig
+from fleetward.agent.supervisor import AppHandle, AppState, RestartPolicy, Supervisor, SupervisorConfig
+from fleetward.agent.update_client import UpdateClient, UpdateClientSettings
+from fleetward.agent.updater import CHECK_METHOD, Updater, UpdaterSettings
 from fleetward.clock import Clock, SystemClock
-from fleetward.errors import FleetwardError, NotFound
+from fleetward.errors import ConfigurationError, FleetwardError, NotFound, TransportError
 from fleetward.transport import trust
 from fleetward.wire.baseline import BASELINE_REPORT, REPORT_PROPERTY
-from fleetward.wire.reports import MAX_REASON_CHARS, AgentReport, CapabilityDeniedReport
+from fleetward.wire.reports import MAX_REASON_CHARS, AgentReport, CapabilityDeniedReport, last_line
+from fleetward.wire.updates import device_token
 
 logger = logging.getLogger(__name__)
 
 #: the direct method the agent answers itself (applications cannot register it)
 STATUS_METHOD = "fleetward.status"
-AGENT_METHODS = frozenset({STATUS_METHOD})
+AGENT_METHODS = frozenset({STATUS_METHOD, CHECK_METHOD})
 REQUEST_TIMEOUT_SECONDS = 10.0
 JSON_PROPERTIES = (("$.ct", "application/json"), ("$.ce", "utf-8"))
 #: the property that marks the agent's own health telemetry
@@ -139,7 +145,14 @@ class Agent:
         self._link: HubLink | None = None
         self._link_started = False
         self._supervisors: dict[str, Supervisor] = {}
-        self._servers: list[AppApiServer] = []
+        #: what runs now, by component: the boot's launches, then what updates replaced
+        self._apps: dict[str, LaunchedApp] = {}
+        self._app_stacks: dict[str, AsyncExitStack] = {}
+        self._identities: UidRangeIdentities | None = None
+        self._as_root_now = False
+        self._deferrals = DeferralLedger(clock=self._clock)
+        self._update_launcher: Launcher | None = None
+        self.updater: Updater | None = None
         self._router: CloudRouter | None = None
         self._app_services: AppServices | None = None
         self._violations = 0
@@ -211,6 +224,11 @@ class Agent:
         self._outbox = await asyncio.to_thread(Outbox.open, settings.state_dir, limits)
         self._stack.push_async_callback(self._outbox.close)
         self._stack.push_async_callback(self._final_status)
+        if settings.updates is not None:
+            # before measured boot: a trial a power cut interrupted is rolled back first
+            self.updater = self._build_updater(settings.updates)
+            if any(recovery.failed for recovery in await asyncio.to_thread(self.updater.recover)):
+                settings = self.settings = replace(settings, apps=load_install_records(settings.apps_dir))
         self._boot = await measured_boot(settings, root, report=self._report, clock=self._clock)
 
         http = self._injected_http
@@ -263,6 +281,9 @@ class Agent:
 
         self._spawn(self._watch_link(), "fleetward-agent-link-watch")
         self._spawn(self._status_loop(), "fleetward-agent-status")
+        if self.updater is not None:
+            self._link.on_method(CHECK_METHOD, self._check_method)
+            self._spawn(self.updater.run(), "fleetward-agent-updater")
         if settings.intervals.baseline_seconds > 0:
             self._spawn(self._baseline_loop(), "fleetward-agent-baseline")
         if settings.intervals.telemetry_seconds > 0:
@@ -496,12 +517,12 @@ class Agent:
             self._link, reserved_methods=AGENT_METHODS, request_timeout_seconds=REQUEST_TIMEOUT_SECONDS
         )
         self._link.on_method(STATUS_METHOD, self._status_method)
-        identities = UidRangeIdentities(
+        self._identities = UidRangeIdentities(
             settings.resolved_storage_dir / ".uids.json",
             first_uid=sandbox.first_app_uid,
             count=sandbox.app_uid_count,
         )
-        as_root = os.geteuid() == 0 if self._as_root is None else self._as_root
+        self._as_root_now = os.geteuid() == 0 if self._as_root is None else self._as_root
         self._app_services = AppServices(
             on_violation=self._violation,
             tenant_source=self._tenant,
@@ -515,31 +536,147 @@ class Agent:
                 else None
             ),
             events=SystemEvents(),
+            deferrals=self._deferrals,
         )
         sockets = settings.state_dir / "sockets"
         sockets.mkdir(mode=0o711, exist_ok=True)
         os.chmod(sockets, 0o711)  # noqa: S103 - applications reach their own socket (0600) and list nothing
+        self._stack.push_async_callback(self._stop_apps)
         for app in boot.launched:
-            identity = await asyncio.to_thread(identities.identity_for, app.component_id) if as_root else None
-            socket_path = sockets / f"{app.component_id}.sock"
+            await self._start_app(app)
+
+    async def _start_app(self, app: LaunchedApp) -> None:
+        assert self._app_services is not None
+        assert self._identities is not None
+        identity = (
+            await asyncio.to_thread(self._identities.identity_for, app.component_id)
+            if self._as_root_now
+            else None
+        )
+        socket_path = self.settings.state_dir / "sockets" / f"{app.component_id}.sock"
+        async with AsyncExitStack() as stack:
             server = AppApiServer(
                 AppEndpoint(app.component_id, app.manifest.capabilities, socket_path, identity),
                 self._app_services,
             )
-            await self._stack.enter_async_context(server)
-            self._servers.append(server)
+            await stack.enter_async_context(server)
             supervisor = Supervisor(
                 self._supervisor_config(socket_path),
                 report=self._report,
-                identities=identities,
-                as_root=as_root,
+                identities=self._identities,
+                as_root=self._as_root_now,
                 clock=self._clock,
                 resolver=self._resolver,
                 on_blocked=self._blocked,
             )
-            await self._stack.enter_async_context(supervisor)
-            self._supervisors[app.component_id] = supervisor
+            await stack.enter_async_context(supervisor)
             await supervisor.start(app)
+            self._app_stacks[app.component_id] = stack.pop_all()
+        self._supervisors[app.component_id] = supervisor
+        self._apps[app.component_id] = app
+
+    async def _stop_app(self, component_id: str, *, forget: bool = True) -> None:
+        """Stop one application and close its API server; ``forget=False`` keeps its handle for the status."""
+        stack = self._app_stacks.pop(component_id, None)
+        if forget:
+            self._supervisors.pop(component_id, None)
+            self._apps.pop(component_id, None)
+        if stack is not None:
+            await stack.aclose()
+
+    async def _stop_apps(self) -> None:
+        for component_id in reversed(list(self._app_stacks)):
+            await self._stop_app(component_id, forget=False)
+
+    # ------------------------------------------------------------------ updates (the updater's AppControl)
+
+    async def replace(self, record: InstallRecord | None, component_id: str) -> None:
+        """Stop ``component_id`` if it runs, then measured-launch ``record`` and start it (``None``: stop)."""
+        await self._stop_app(component_id)
+        if record is not None:
+            launched = await self._launcher().launch(record)
+            await self._start_app(launched)
+        self._status_changed.set()
+
+    async def trial(self, component_id: str, seconds: float) -> str | None:
+        """``None`` if the application runs for ``seconds`` without a crash, else what happened."""
+        handle = self.app(component_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        restarts = handle.restart_count
+        while True:
+            if handle.state in (AppState.CRASH_LOOP, AppState.STOPPED, AppState.STORAGE_QUOTA_EXCEEDED):
+                return f"the application is {handle.state.value}: {last_line(handle.error_tail())}"[
+                    :MAX_REASON_CHARS
+                ]
+            if handle.restart_count > restarts or handle.state is AppState.BACKING_OFF:
+                return f"the application crashed during its trial: {last_line(handle.error_tail())}"[
+                    :MAX_REASON_CHARS
+                ]
+            if loop.time() >= deadline:
+                return None if handle.state is AppState.RUNNING else f"it is still {handle.state.value}"
+            await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+
+    def deferred_until(self, component_id: str) -> dt.datetime | None:
+        return self._deferrals.deferred_until(component_id)
+
+    def deferral_done(self, component_id: str) -> None:
+        self._deferrals.reset(component_id)
+
+    def _build_updater(self, updates: UpdateSettings) -> Updater:
+        settings = self.settings
+        try:
+            bootstrap = updates.root_file.read_bytes()
+        except OSError as error:
+            raise ConfigurationError(
+                f"cannot read updates.root_file {updates.root_file}: {error.strerror}"
+            ) from None
+        client = UpdateClient(
+            UpdateClientSettings(
+                base_url=settings.authority_url,
+                metadata_dir=settings.state_dir / "updates" / "metadata",
+                device_id=self.device_id,
+                product_id=updates.product_id,
+                max_image_bytes=updates.max_image_bytes,
+                timeout_seconds=settings.limits.http_timeout_seconds,
+                ca_file=settings.ca_file,
+            ),
+            bootstrap,
+            self._update_token,
+            clock=self._clock,
+        )
+        self._stack.callback(client.close)
+        return Updater(
+            UpdaterSettings(
+                state_dir=settings.state_dir,
+                apps_dir=settings.apps_dir,
+                poll_seconds=updates.poll_seconds,
+                trial_seconds=updates.trial_seconds,
+            ),
+            client,
+            self,
+            clock=self._clock,
+        )
+
+    def _update_token(self) -> str:
+        """The device token for an update request: the operational key signs the serial and the time."""
+        credential = self._renewer.credential if self._renewer is not None else None
+        if credential is None:
+            raise TransportError("no operational certificate yet: updates wait for enrollment")
+        return device_token(credential.key, credential.issued.serial, int(self._clock.now().timestamp()))
+
+    async def _check_method(self, call: MethodCall) -> MethodResult:
+        """``fleetward.checkForUpdates``: look for updates now (the check runs after the answer)."""
+        assert self.updater is not None
+        self.updater.check_now()
+        return MethodResult(202, b'{"checking":true}')
+
+    def _launcher(self) -> Launcher:
+        if self._update_launcher is None:
+            self._update_launcher = Launcher(
+                self.settings.launch_config(), report=self._report, log=self.boot.log, clock=self._clock
+            )
+        return self._update_launcher
 
     def app(self, component_id: str) -> AppHandle:
         """The supervised application ``component_id`` (``NotFound`` if it was not launched)."""
@@ -659,7 +796,7 @@ class Agent:
             )
             for refused in self._boot.refused
         ]
-        for app in self._boot.launched:
+        for app in self._current_apps():
             state, pid, restarts = "pending", None, 0
             if app.component_id in self._supervisors:
                 try:
@@ -680,11 +817,16 @@ class Agent:
             )
         return tuple(sorted(statuses, key=lambda item: item.component_id))
 
+    def _current_apps(self) -> list[LaunchedApp]:
+        """What runs now: what the boot launched, as updates have since replaced it."""
+        launched = {app.component_id: app for app in self.boot.launched} | self._apps
+        return list(launched.values())
+
     async def _keep_logs(self) -> None:
         if self._boot is None:
             return
         tails = []
-        for app in self._boot.launched:
+        for app in self._current_apps():
             try:
                 handle = self.app(app.component_id)
             except NotFound:

@@ -1,0 +1,329 @@
+"""The device's updater: check, download into the inactive slot, switch, keep only what comes up healthy.
+
+One check (:meth:`Updater.check_once`) asks the update client for a plan (TUF metadata refreshed, the
+director's assignment verified, both repositories in agreement, floors respected), then installs each
+planned image in turn:
+
+1. outside the assignment's maintenance window, or while an application defers updates
+   (``SoftwareUpdateDeferral``), the image waits: ``deferred`` is reported;
+2. the image (or a delta from the active slot) is downloaded, resumably, into the inactive slot and
+   verified (:mod:`fleetward.agent.update_client`); a refusal leaves the device on what it runs: ``failed``;
+3. the slots switch (the install record now names the new slot) and the application is relaunched through
+   measured launch: ``trial``;
+4. if it stays up for ``trial_seconds`` the new slot is kept (``installed``); if measured launch refuses
+   it, or it crashes or stops in that time, the previous slot is launched again (``rolled_back``).
+
+A power cut or a kill at any step is recovered at the next start (:mod:`fleetward.agent.slots`: a trial
+that did not finish is rolled back). Every result goes to the director in a
+:class:`~fleetward.wire.updates.VersionReport`; results are kept on disk until the director has them, so
+none is lost to a network cut or a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pydantic import TypeAdapter, ValidationError
+
+from fleetward.agent.config import load_install_records, write_private_file
+from fleetward.agent.launch import InstallRecord
+from fleetward.agent.slots import INTERRUPTED, ComponentSlots, Recovery
+from fleetward.agent.update_client import Downloaded, Plan, PlannedImage
+from fleetward.clock import Clock, SystemClock
+from fleetward.errors import FleetwardError, LaunchRefused, TransportError, UpdateRefused
+from fleetward.wire.reports import MAX_REASON_CHARS
+from fleetward.wire.updates import InstalledComponent, UpdateResult, UpdateState, VersionReport
+
+logger = logging.getLogger(__name__)
+
+#: The direct method that makes the agent check for updates at once ("check now").
+CHECK_METHOD = "fleetward.checkForUpdates"
+#: Results kept for the director at most (the oldest go first; each is small).
+MAX_PENDING_RESULTS = 64
+
+_RESULTS = TypeAdapter(list[UpdateResult])
+
+
+class Client(Protocol):
+    """What the updater needs of :class:`~fleetward.agent.update_client.UpdateClient` (blocking calls)."""
+
+    def check(self, installed: Mapping[str, tuple[str, str]]) -> Plan: ...
+
+    def download(self, image: PlannedImage, partial: Path, have: Path | None) -> Downloaded: ...
+
+    def report(self, report: VersionReport) -> None: ...
+
+
+class AppControl(Protocol):
+    """The agent's side: (re)launch an application from a record and watch it through its trial."""
+
+    async def replace(self, record: InstallRecord | None, component_id: str) -> None:
+        """Stop ``component_id`` if it runs, then launch ``record`` (measured) and start it; ``None``: stop
+        it only. Raises ``LaunchRefused`` if measured launch refuses the record."""
+
+    async def trial(self, component_id: str, seconds: float) -> str | None:
+        """Watch the application for ``seconds``: ``None`` if it stayed up, else why not."""
+
+    def deferred_until(self, component_id: str) -> dt.datetime | None: ...
+
+    def deferral_done(self, component_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class UpdaterSettings:
+    state_dir: Path
+    apps_dir: Path
+    poll_seconds: float = 3600.0
+    trial_seconds: float = 30.0
+
+    @property
+    def results_file(self) -> Path:
+        return self.state_dir / "updates" / "results.json"
+
+    @property
+    def slots_dir(self) -> Path:
+        return self.state_dir / "slots"
+
+
+class Updater:
+    """Runs checks on a schedule and on demand; one check at a time."""
+
+    def __init__(
+        self,
+        settings: UpdaterSettings,
+        client: Client,
+        apps: AppControl,
+        *,
+        clock: Clock | None = None,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._client = client
+        self._apps = apps
+        self._clock = clock or SystemClock()
+        self._sleep = sleep or asyncio.sleep
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._assignment_version = 0
+        self._pending: list[UpdateResult] = self._load_results()
+        self.last_error: str | None = None
+        self.checks = 0
+
+    # ------------------------------------------------------------------ the schedule
+
+    def check_now(self) -> None:
+        """Look at once (the ``fleetward.checkForUpdates`` method, a reconnect)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Check at start, then every ``poll_seconds`` or when woken; never raises on a failed check."""
+        while True:
+            self._wake.clear()
+            try:
+                await self.check_once()
+            except (FleetwardError, OSError) as error:
+                self.last_error = str(error)
+                logger.warning("update check failed: %s", error)
+            try:
+                async with asyncio.timeout(self.settings.poll_seconds):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    # ------------------------------------------------------------------ one check
+
+    def recover(self) -> tuple[Recovery, ...]:
+        """At start, before measured boot: finish what a power cut interrupted in every component's slots
+        (a trial the agent did not live through is rolled back) and keep a result for each such trial."""
+        recoveries = []
+        for slots_dir in (
+            sorted(self.settings.slots_dir.glob("*")) if self.settings.slots_dir.is_dir() else []
+        ):
+            slots = ComponentSlots.open(self.settings.state_dir, self.settings.apps_dir, slots_dir.name)
+            recovery = slots.recover(self._clock.now())
+            recoveries.append(recovery)
+            trial = recovery.failed
+            if trial is None:
+                continue
+            logger.error(
+                "the update of %s to %s did not finish its trial (%s): rolled back",
+                slots_dir.name,
+                trial.version,
+                trial.failure or INTERRUPTED,
+            )
+            self._remember(
+                UpdateResult(
+                    deployment_id=trial.deployment_id,
+                    component_id=slots_dir.name,
+                    version=trial.version,
+                    sha256=trial.sha256,
+                    state=UpdateState.ROLLED_BACK,
+                    code=trial.failure or INTERRUPTED,
+                    message="the agent stopped during the trial (a power cut, a kill, a crash)",
+                    at=self._clock.now(),
+                )
+            )
+        return tuple(recoveries)
+
+    async def check_once(self) -> Plan | None:
+        async with self._lock:
+            self.checks += 1
+            await self._flush()
+            try:
+                plan = await asyncio.to_thread(self._client.check, self._installed())
+            except UpdateRefused as refused:
+                logger.error("update refused: %s (%s)", refused.message, refused.code)
+                self.last_error = f"{refused.code}: {refused.message}"
+                raise
+            self._assignment_version = plan.assignment_version
+            for image in plan.images:
+                await self._install(plan, image)
+            self.last_error = None
+            await self._flush()
+            return plan
+
+    async def _install(self, plan: Plan, image: PlannedImage) -> None:
+        component = image.component_id
+        deployment = plan.deployment_id
+        assert deployment is not None  # a plan with images names its deployment
+        now = self._clock.now()
+        if plan.window is not None and not plan.window.contains(now):
+            self._result(
+                plan, image, UpdateState.DEFERRED, "outside_window", "outside the maintenance window"
+            )
+            return
+        until = self._apps.deferred_until(component)
+        if until is not None and until > now:
+            self._result(
+                plan, image, UpdateState.DEFERRED, "deferred_by_app", f"deferred until {until.isoformat()}"
+            )
+            return
+        slots = await asyncio.to_thread(
+            ComponentSlots.open, self.settings.state_dir, self.settings.apps_dir, component
+        )
+        active = slots.active()
+        target = await asyncio.to_thread(slots.download_path, image.sha256, image.target.length)
+        have = active.package_path if active is not None else None
+        self._result(plan, image, UpdateState.DOWNLOADING)
+        try:
+            downloaded = await asyncio.to_thread(self._client.download, image, target.path, have)
+            await asyncio.to_thread(slots.stage, image.sha256, image.version, image.custom.signature_bytes())
+        except (UpdateRefused, TransportError, OSError) as error:
+            code = getattr(error, "code", "download_failed")
+            self._result(plan, image, UpdateState.FAILED, code, str(error))
+            logger.error("update of %s to %s failed: %s", component, image.version, error)
+            return
+        switched = await asyncio.to_thread(slots.switch, deployment, self._clock.now())
+        self._result(plan, image, UpdateState.TRIAL, downloaded=downloaded)
+        await self._flush()
+        problem: str | None
+        try:
+            await self._apps.replace(switched.record, component)
+            problem = await self._apps.trial(component, self.settings.trial_seconds)
+            code = "app_unhealthy"
+        except LaunchRefused as refused:
+            problem, code = refused.message, refused.code
+        if problem is None:
+            await asyncio.to_thread(slots.commit)
+            self._apps.deferral_done(component)
+            self._result(plan, image, UpdateState.INSTALLED, downloaded=downloaded)
+            logger.info("updated %s to %s", component, image.version)
+            return
+        logger.error("update of %s to %s rolled back: %s", component, image.version, problem)
+        # the result is on disk before the rollback, so a power cut in between cannot lose it
+        self._result(plan, image, UpdateState.ROLLED_BACK, code, problem, downloaded=downloaded)
+        previous = await asyncio.to_thread(slots.roll_back, code)
+        try:
+            await self._apps.replace(previous, component)
+        except LaunchRefused as refused:  # the previous slot passed before; say so if it no longer does
+            logger.error("the previous %s does not launch either: %s", component, refused.message)
+
+    # ------------------------------------------------------------------ what the director hears
+
+    def _installed(self) -> dict[str, tuple[str, str]]:
+        return {
+            record.component_id: (record.version, record.package_sha256)
+            for record in load_install_records(self.settings.apps_dir)
+        }
+
+    def _result(
+        self,
+        plan: Plan,
+        image: PlannedImage,
+        state: UpdateState,
+        code: str | None = None,
+        message: str = "",
+        *,
+        downloaded: Downloaded | None = None,
+    ) -> None:
+        self._remember(
+            UpdateResult(
+                deployment_id=plan.deployment_id,
+                component_id=image.component_id,
+                version=image.version,
+                sha256=image.sha256,
+                state=state,
+                code=code,
+                message=message[:MAX_REASON_CHARS],
+                bytes_downloaded=downloaded.bytes_downloaded if downloaded else 0,
+                bytes_saved=downloaded.bytes_saved if downloaded else 0,
+                at=self._clock.now(),
+            )
+        )
+
+    def _remember(self, result: UpdateResult) -> None:
+        # a newer state of the same update replaces the older one: the director needs only the last
+        self._pending = [
+            kept
+            for kept in self._pending
+            if (kept.deployment_id, kept.component_id, kept.sha256)
+            != (result.deployment_id, result.component_id, result.sha256)
+        ]
+        self._pending.append(result)
+        del self._pending[:-MAX_PENDING_RESULTS]
+        self._save_results()
+
+    async def _flush(self) -> None:
+        """Send what the device runs and the results not yet delivered; keep them if the send fails."""
+        installed = await asyncio.to_thread(self._installed)
+        sent = list(self._pending)
+        report = VersionReport(
+            assignment_version=self._assignment_version,
+            components=tuple(
+                InstalledComponent(component_id=component, version=version, sha256=sha256)
+                for component, (version, sha256) in sorted(installed.items())
+            ),
+            results=tuple(sent),
+            sent_at=self._clock.now(),
+        )
+        try:
+            await asyncio.to_thread(self._client.report, report)
+        except TransportError as error:
+            logger.warning("the update report is kept for later: %s", error.message)
+            return
+        self._pending = [result for result in self._pending if result not in sent]
+        self._save_results()
+
+    def pending_results(self) -> tuple[UpdateResult, ...]:
+        return tuple(self._pending)
+
+    def _load_results(self) -> list[UpdateResult]:
+        path = self.settings.results_file
+        try:
+            return _RESULTS.validate_json(path.read_bytes())[-MAX_PENDING_RESULTS:]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValidationError) as error:
+            logger.warning("the kept update results in %s are unreadable, started afresh: %s", path, error)
+            return []
+
+    def _save_results(self) -> None:
+        data = json.dumps([result.model_dump(mode="json") for result in self._pending]).encode()
+        write_private_file(self.settings.results_file, data)
