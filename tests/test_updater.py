@@ -1,0 +1,263 @@
+"""The device's updater: what it does with a plan, and what the director hears about it.
+
+The update client is replaced by a fake behind :class:`~fleetward.agent.updater.Client` (the real client
+is tested against the real python-tuf client in tests/test_update_client.py, and end to end with the real
+server in tests/test_updates_end_to_end.py); the slots are real, and the applications are launched by real
+measured launch.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from tuf.api.metadata import TargetFile
+
+from fleetward.agent.config import read_install_record, render_install_record, write_private_file
+from fleetward.agent.launch import InstallRecord
+from fleetward.agent.package import build_package, sign_package
+from fleetward.agent.slots import ComponentSlots
+from fleetward.agent.update_client import Downloaded, Plan, PlannedImage
+from fleetward.agent.updater import Updater, UpdaterSettings
+from fleetward.clock import FakeClock
+from fleetward.errors import LaunchRefused, TransportError, UpdateRefused
+from fleetward.wire.updates import (
+    ImageKind,
+    MaintenanceWindow,
+    TargetCustom,
+    UpdateState,
+    VersionReport,
+    target_path,
+)
+from tests.agent_apps import COMPONENT, AppWorld, manifest_for, reachable_directory, script
+
+PRODUCT = "5b0f6f7e-0000-4000-8000-000000000001"
+DEPLOYMENT = "d-1"
+NOON = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
+
+
+@dataclass
+class FakeClient:
+    """Hands out a fixed plan and the bytes of its images; records reports (or fails to send them)."""
+
+    plan: Plan
+    blobs: dict[str, bytes]
+    reports: list[VersionReport] = field(default_factory=list)
+    refuse_download: UpdateRefused | None = None
+    offline: bool = False
+
+    def check(self, installed: Mapping[str, tuple[str, str]]) -> Plan:
+        return self.plan
+
+    def download(self, image: PlannedImage, partial: Path, have: Path | None) -> Downloaded:
+        if self.refuse_download is not None:
+            raise self.refuse_download
+        data = self.blobs[image.sha256]
+        partial.write_bytes(data)
+        return Downloaded(partial, len(data), 0, via_delta=False)
+
+    def report(self, report: VersionReport) -> None:
+        if self.offline:
+            raise TransportError("the network is down")
+        self.reports.append(report)
+
+
+@dataclass
+class Apps:
+    """The agent's side: measured launch of what the updater switched to, and a trial verdict."""
+
+    world: AppWorld
+    verdict: str | None = None
+    running: dict[str, str] = field(default_factory=dict)
+    deferred: dt.datetime | None = None
+    deferral_reset: int = 0
+
+    async def replace(self, record: InstallRecord | None, component_id: str) -> None:
+        self.running.pop(component_id, None)
+        if record is not None:
+            launched = await self.world.launcher().launch(record)
+            self.running[component_id] = launched.record.version
+
+    async def trial(self, component_id: str, seconds: float) -> str | None:
+        return self.verdict
+
+    def deferred_until(self, component_id: str) -> dt.datetime | None:
+        return self.deferred
+
+    def deferral_done(self, component_id: str) -> None:
+        self.deferral_reset += 1
+
+
+@dataclass
+class Device:
+    world: AppWorld
+    clock: FakeClock
+
+    @property
+    def state_dir(self) -> Path:
+        return self.world.base / "state"
+
+    @property
+    def apps_dir(self) -> Path:
+        return self.state_dir / "apps"
+
+    def package(self, version: str, *, crash: bool = False) -> tuple[bytes, bytes]:
+        body = "raise SystemExit(3)" if crash else f"print('version {version}')"
+        data = build_package(manifest_for(COMPONENT), {"bin/app": script(body, own_user=False)})
+        return data, sign_package(self.world.publisher, data)
+
+    def install(self, version: str) -> None:
+        """What `fleetward agent app install` leaves: a package outside the slots and its record."""
+        data, signature = self.package(version)
+        digest = hashlib.sha256(data).hexdigest()
+        package = self.state_dir / "packages" / f"{digest}.tar"
+        write_private_file(package, data)
+        write_private_file(package.with_name(package.name + ".sig"), signature)
+        record = InstallRecord(COMPONENT, version, digest, package, package.with_name(package.name + ".sig"))
+        write_private_file(self.apps_dir / f"{COMPONENT}.toml", render_install_record(record, self.state_dir))
+
+    def installed_version(self) -> str:
+        return read_install_record(self.apps_dir / f"{COMPONENT}.toml").version
+
+    def planned(self, version: str, data: bytes, signature: bytes) -> PlannedImage:
+        path = target_path(PRODUCT, COMPONENT, version)
+        custom = TargetCustom(
+            component_id=COMPONENT,
+            version=version,
+            product_id=PRODUCT,
+            publisher_signature=base64.b64encode(signature).decode(),
+        )
+        target = TargetFile.from_data(path, data)
+        target.unrecognized_fields["custom"] = custom.model_dump(mode="json", exclude_none=True)
+        return PlannedImage(COMPONENT, version, ImageKind.APP, target, custom)
+
+    def updater(self, client: FakeClient, apps: Apps) -> Updater:
+        settings = UpdaterSettings(state_dir=self.state_dir, apps_dir=self.apps_dir, trial_seconds=0.1)
+        return Updater(settings, client, apps, clock=self.clock)
+
+
+@pytest.fixture
+def device() -> Iterator[Device]:
+    with reachable_directory() as base:
+        world = AppWorld(base)
+        result = Device(world, FakeClock(NOON))
+        result.install("1.0.0")
+        yield result
+
+
+def plan_for(
+    device: Device, version: str, *, crash: bool = False, window: MaintenanceWindow | None = None
+) -> FakeClient:
+    data, signature = device.package(version, crash=crash)
+    image = device.planned(version, data, signature)
+    plan = Plan(assignment_version=1, deployment_id=DEPLOYMENT, window=window, images=(image,))
+    return FakeClient(plan, {image.sha256: data})
+
+
+def last_state(client: FakeClient) -> list[tuple[str, UpdateState, str | None]]:
+    return [(result.version, result.state, result.code) for result in client.reports[-1].results]
+
+
+async def test_an_image_that_stays_up_is_kept_and_reported_installed(device: Device) -> None:
+    client = plan_for(device, "2.0.0")
+    apps = Apps(device.world)
+    await device.updater(client, apps).check_once()
+    assert device.installed_version() == "2.0.0"
+    assert apps.running == {COMPONENT: "2.0.0"}
+    assert apps.deferral_reset == 1  # the application's deferral budget starts afresh
+    assert last_state(client) == [("2.0.0", UpdateState.INSTALLED, None)]
+    assert [(c.component_id, c.version) for c in client.reports[-1].components] == [(COMPONENT, "2.0.0")]
+
+
+async def test_an_image_that_fails_its_trial_is_rolled_back_and_the_previous_one_runs_again(
+    device: Device,
+) -> None:
+    client = plan_for(device, "2.0.0", crash=True)
+    apps = Apps(device.world, verdict="the application crashed during its trial: exit 3")
+    await device.updater(client, apps).check_once()
+    assert device.installed_version() == "1.0.0"
+    assert apps.running == {COMPONENT: "1.0.0"}
+    [result] = client.reports[-1].results
+    assert (result.state, result.code) == (UpdateState.ROLLED_BACK, "app_unhealthy")
+    assert "exit 3" in result.message
+
+
+async def test_an_image_measured_launch_refuses_is_rolled_back(device: Device) -> None:
+    client = plan_for(device, "2.0.0")
+    apps = Apps(device.world)
+    original = apps.replace
+
+    async def refusing(record: InstallRecord | None, component_id: str) -> None:
+        if record is not None and record.version == "2.0.0":
+            raise LaunchRefused("the signature is not valid", code="package_signature_invalid")
+        await original(record, component_id)
+
+    apps.replace = refusing  # type: ignore[method-assign]
+    await device.updater(client, apps).check_once()
+    assert device.installed_version() == "1.0.0"
+    assert last_state(client) == [("2.0.0", UpdateState.ROLLED_BACK, "package_signature_invalid")]
+
+
+async def test_a_refused_download_leaves_the_device_on_what_it_runs(device: Device) -> None:
+    client = plan_for(device, "2.0.0")
+    client.refuse_download = UpdateRefused("hashes differ", code="image_hash_mismatch")
+    await device.updater(client, Apps(device.world)).check_once()
+    assert device.installed_version() == "1.0.0"
+    assert last_state(client) == [("2.0.0", UpdateState.FAILED, "image_hash_mismatch")]
+
+
+async def test_outside_the_maintenance_window_the_update_waits(device: Device) -> None:
+    window = MaintenanceWindow(dt.time(1, 0), dt.time(4, 0))  # it is noon
+    client = plan_for(device, "2.0.0", window=window)
+    await device.updater(client, Apps(device.world)).check_once()
+    assert device.installed_version() == "1.0.0"
+    assert last_state(client) == [("2.0.0", UpdateState.DEFERRED, "outside_window")]
+
+
+async def test_an_application_deferring_updates_holds_its_update_back(device: Device) -> None:
+    client = plan_for(device, "2.0.0")
+    apps = Apps(device.world, deferred=NOON + dt.timedelta(minutes=10))
+    await device.updater(client, apps).check_once()
+    assert device.installed_version() == "1.0.0"
+    assert last_state(client) == [("2.0.0", UpdateState.DEFERRED, "deferred_by_app")]
+
+
+async def test_results_the_director_did_not_get_are_kept_across_a_restart(device: Device) -> None:
+    client = plan_for(device, "2.0.0")
+    client.offline = True
+    await device.updater(client, Apps(device.world)).check_once()
+    assert client.reports == []
+    client.offline = False
+    restarted = device.updater(client, Apps(device.world))
+    assert [result.state for result in restarted.pending_results()] == [UpdateState.INSTALLED]
+    client.plan = Plan(assignment_version=1, deployment_id=DEPLOYMENT, window=None, images=())
+    await restarted.check_once()
+    assert [result.state for result in client.reports[0].results] == [UpdateState.INSTALLED]
+    assert restarted.pending_results() == ()
+
+
+async def test_a_trial_the_agent_did_not_live_through_is_rolled_back_at_start_and_reported(
+    device: Device,
+) -> None:
+    client = plan_for(device, "2.0.0")
+    apps = Apps(device.world)
+    updater = device.updater(client, apps)
+    # the agent dies during the trial: the switch happened, the trial never ended
+    image = client.plan.images[0]
+    slots = ComponentSlots.open(device.state_dir, device.apps_dir, COMPONENT)
+    target = slots.download_path(image.sha256, image.target.length)
+    target.path.write_bytes(client.blobs[image.sha256])
+    slots.stage(image.sha256, "2.0.0", image.custom.signature_bytes())
+    slots.switch(DEPLOYMENT, NOON)
+    assert device.installed_version() == "2.0.0"
+
+    recoveries = updater.recover()
+    assert [recovery.failed is not None for recovery in recoveries] == [True]
+    assert device.installed_version() == "1.0.0"
+    [result] = updater.pending_results()
+    assert (result.version, result.state, result.code) == ("2.0.0", UpdateState.ROLLED_BACK, "interrupted")
