@@ -14,6 +14,8 @@ from fleetward.monitor.reports import ReportStore
 from fleetward.registry.service import RegistryService
 from fleetward.store.database import Database
 from fleetward.store.trust import TrustBell
+from fleetward.updates.deployments import DeploymentService
+from fleetward.updates.images import ImageService
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,8 @@ class Services:
     authority: AuthorityService
     hub_store: HubStore
     reports: ReportStore
+    images: ImageService
+    deployments: DeploymentService
 
     def close(self) -> None:
         self.authority.close()
@@ -60,6 +64,10 @@ def build_services(
     if migrate:
         database.upgrade()
     trust_bell = TrustBell()
+    authority = AuthorityService(
+        database, keystore, clock, settings.limits, settings.resolved_public_url, trust_bell
+    )
+    images = ImageService(database, keystore, clock, settings.limits, authority)
     return Services(
         settings=settings,
         clock=clock,
@@ -67,9 +75,9 @@ def build_services(
         trust_bell=trust_bell,
         bus=bus,
         registry=RegistryService(database, clock, settings.limits, trust_bell),
-        authority=AuthorityService(
-            database, keystore, clock, settings.limits, settings.resolved_public_url, trust_bell
-        ),
+        authority=authority,
         hub_store=HubStore(database, clock, settings.limits),
         reports=ReportStore(database, clock),
+        images=images,
+        deployments=DeploymentService(database, clock, settings.limits, images),
     )

@@ -69,6 +69,21 @@ class Limits:
     #: how long a request on the bus (connection state, desired patch, takeover) waits for its answer; a
     #: direct method waits this much longer than its own timeout
     bus_request_timeout_milliseconds: int = 2000
+    # updates
+    #: the largest image (a signed application or agent package) the repository accepts
+    max_image_bytes: int = 64 * 1024 * 1024
+    #: how far a device's update token's time may be from the server's, either way
+    device_token_max_age_seconds: int = 300
+    # deployments and the director (updates/deployments.py)
+    #: how long a signed assignment is valid (a device re-asks well before; a frozen one stops updating)
+    assignment_ttl_seconds: int = 24 * 3600
+    #: how often each server process judges the rollouts in progress
+    rollout_tick_milliseconds: int = 2000
+    #: how far back the crash rate before a rollout is measured
+    rollout_crash_baseline_seconds: int = 7 * 24 * 3600
+    #: "check now" when a wave opens: devices asked at once, and how long each may take to answer
+    check_now_concurrency: int = 32
+    check_now_timeout_seconds: int = 5
 
     def __post_init__(self) -> None:
         for item in fields(self):

@@ -15,10 +15,13 @@ from fleetward.api import (
     errors,
     routes_attestation,
     routes_authority,
+    routes_deployments,
     routes_hub,
     routes_registry,
     routes_reports,
+    routes_updates,
 )
+from fleetward.api.device_auth import DeviceAuthenticator
 from fleetward.api.device_lane import DeviceLane
 from fleetward.api.limits import BodyLimit
 from fleetward.authority.service import EnrollmentWork
@@ -31,6 +34,8 @@ from fleetward.hub.feed import TelemetryFeed
 from fleetward.hub.routing import DeviceRouter
 from fleetward.hub.server import Hub, server_tls_context
 from fleetward.store.batching import Batcher
+from fleetward.updates.check_now import RouterNudger
+from fleetward.updates.deployments import run_ticks
 from fleetward.wire.evidence import EnrollmentResponse
 
 logger = logging.getLogger(__name__)
@@ -119,12 +124,17 @@ def create_app(services: Services | None, *, limits: Limits | None = None) -> Fa
                 app.state.router = DeviceRouter(bus, limits)
                 app.state.hub = await _start_hub(services, app.state.feed)
                 purger = asyncio.create_task(_purge_nonces(services))
+                app.state.nudger = RouterNudger(app.state.router, limits.check_now_timeout_seconds)
+                rollouts = asyncio.create_task(
+                    run_ticks(services.deployments, app.state.nudger, limits.rollout_tick_milliseconds / 1000)
+                )
                 try:
                     yield
                 finally:
-                    purger.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await purger
+                    for task in (purger, rollouts):
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await task
                     if app.state.hub is not None:
                         await app.state.hub.stop()
         finally:
@@ -140,10 +150,14 @@ def create_app(services: Services | None, *, limits: Limits | None = None) -> Fa
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.services = services
+    if services is not None:
+        app.state.device_authenticator = DeviceAuthenticator(services.database, services.clock, limits)
 
     def limit_for(path: str) -> int:
         if path.endswith(("/devices/claim", "/reference-values")):
             return limits.max_bulk_request_bytes
+        if path.endswith("/images"):  # a package, base64 in JSON
+            return limits.max_image_bytes * 4 // 3 + limits.max_request_bytes
         return limits.max_request_bytes
 
     app.add_middleware(BodyLimit, limit_for=limit_for)
@@ -153,6 +167,9 @@ def create_app(services: Services | None, *, limits: Limits | None = None) -> Fa
     app.include_router(routes_authority.router)
     app.include_router(routes_hub.router)
     app.include_router(routes_reports.router)
+    app.include_router(routes_updates.router)
+    app.include_router(routes_deployments.device_router)
+    app.include_router(routes_deployments.router)
 
     @app.get("/healthz", tags=["service"])
     def healthz() -> dict[str, str]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from fleetward.api import schemas
-from fleetward.api.deps import AuthorityDep, PrincipalDep
+from fleetward.api.deps import AuthorityDep, PrincipalDep, services
 from fleetward.authority.service import CaKind, ReferenceValue
 
 router = APIRouter(prefix="/v1")
@@ -159,13 +159,15 @@ def set_floor(
     tenant_id: str,
     component: str,
     body: schemas.SecurityFloorSet,
+    request: Request,
     principal: PrincipalDep,
     authority: AuthorityDep,
 ) -> schemas.SecurityFloorPublic:
-    """Refuse attestation of the component below this version from now on."""
-    return schemas.SecurityFloorPublic.model_validate(
-        authority.set_floor(principal, tenant_id, component, body.minimum_version)
-    )
+    """Refuse attestation of the component below this version from now on (and updates to below it: the
+    floors are published in the image repository's product roles)."""
+    floor = authority.set_floor(principal, tenant_id, component, body.minimum_version)
+    services(request).images.publish_floors(principal, tenant_id)
+    return schemas.SecurityFloorPublic.model_validate(floor)
 
 
 @router.get("/tenants/{tenant_id}/security-floors", tags=["reference values"])

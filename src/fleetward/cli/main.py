@@ -14,7 +14,14 @@ from urllib.parse import urlsplit
 
 import typer
 
-from fleetward.cli import agent_commands, hub_commands, report_commands, resources
+from fleetward.cli import (
+    agent_commands,
+    deployment_commands,
+    hub_commands,
+    report_commands,
+    resources,
+    update_commands,
+)
 from fleetward.cli.output import console
 from fleetward.cli.profile import Profile
 from fleetward.cli.root import app, run
@@ -225,6 +232,8 @@ resources.register(app)
 hub_commands.register(app)
 report_commands.register(app)
 agent_commands.register(app)
+update_commands.register(app)
+deployment_commands.register(app)
 
 
 def main() -> None:

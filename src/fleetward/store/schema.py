@@ -323,8 +323,8 @@ tuf_keys = Table(
     metadata,
     # The online keys of each tenant's image repository and director (sealed like the CA keys), and the
     # public half of the offline root keys (no private part: it never reaches the server).
+    Column("tenant_id", String(ID), ForeignKey("tenants.id"), primary_key=True),
     Column("keyid", String(64), primary_key=True),
-    Column("tenant_id", String(ID), ForeignKey("tenants.id"), nullable=False),
     Column("role", String(NAME), nullable=False),  # root, targets, snapshot, timestamp, director, a product
     Column("public_key", Text, nullable=False),  # the TUF key as JSON
     Column("sealed_key", LargeBinary, nullable=True),  # None for an offline key

@@ -41,15 +41,15 @@ def upgrade() -> None:
     )
     op.create_table(
         "tuf_keys",
-        sa.Column("keyid", sa.String(length=64), nullable=False),
         sa.Column("tenant_id", sa.String(length=36), nullable=False),
+        sa.Column("keyid", sa.String(length=64), nullable=False),
         sa.Column("role", sa.String(length=128), nullable=False),
         sa.Column("public_key", sa.Text(), nullable=False),
         sa.Column("sealed_key", sa.LargeBinary(), nullable=True),
         sa.Column("active", sa.Boolean(), nullable=False),
         sa.Column("created_at", fleetward.store.schema.UtcDateTime(), nullable=False),
         sa.ForeignKeyConstraint(["tenant_id"], ["tenants.id"], name=op.f("fk_tuf_keys_tenant_id_tenants")),
-        sa.PrimaryKeyConstraint("keyid", name=op.f("pk_tuf_keys")),
+        sa.PrimaryKeyConstraint("tenant_id", "keyid", name=op.f("pk_tuf_keys")),
     )
     with op.batch_alter_table("tuf_keys", schema=None) as batch_op:
         batch_op.create_index("ix_tuf_keys_tenant_role", ["tenant_id", "role"], unique=False)
