@@ -286,3 +286,15 @@ def test_retail_groups_get_agent_images_only_after_an_os_evaluation_group() -> N
     assert awaiting_evaluation([APP_IMAGE, AGENT_IMAGE], retail, {"agent-1"}) == ()
     evaluation = group(UpdatePolicy.UPDATE_ALL, OsFeed.RETAIL_EVAL)
     assert awaiting_evaluation([AGENT_IMAGE], evaluation, set()) == ()
+
+
+def test_a_wave_that_succeeded_opens_the_next_only_after_soaking() -> None:
+    plan = RolloutPlan(waves=(WaveSpec(count=1), WaveSpec(percent=100)), soak_seconds=600)
+    start = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
+    installed = DeviceProgress(
+        "d1", 0, DeviceState.INSTALLED, assigned_at=start, reported_at=start + dt.timedelta(seconds=30)
+    )
+    progress = RolloutProgress(waves_opened=1, wave_sizes=(1, 3), devices=(installed,))
+    early = judge(plan, progress, start + dt.timedelta(seconds=300))
+    assert (early.decision, early.code) == (Decision.HOLD, "soaking")
+    assert judge(plan, progress, start + dt.timedelta(seconds=631)).decision is Decision.OPEN_NEXT

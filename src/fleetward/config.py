@@ -72,6 +72,8 @@ class Limits:
     # updates
     #: the largest image (a signed application or agent package) the repository accepts
     max_image_bytes: int = 64 * 1024 * 1024
+    #: a new image is published with a bsdiff delta from each of this many earlier versions
+    image_delta_bases: int = 3
     #: how far a device's update token's time may be from the server's, either way
     device_token_max_age_seconds: int = 300
     # deployments and the director (updates/deployments.py)

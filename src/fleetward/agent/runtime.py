@@ -283,7 +283,7 @@ class Agent:
         self._spawn(self._status_loop(), "fleetward-agent-status")
         if self.updater is not None:
             self._link.on_method(CHECK_METHOD, self._check_method)
-            self._spawn(self.updater.run(), "fleetward-agent-updater")
+            self._spawn(self._run_updater(self.updater), "fleetward-agent-updater")
         if settings.intervals.baseline_seconds > 0:
             self._spawn(self._baseline_loop(), "fleetward-agent-baseline")
         if settings.intervals.telemetry_seconds > 0:
@@ -657,6 +657,12 @@ class Agent:
             self,
             clock=self._clock,
         )
+
+    async def _run_updater(self, updater: Updater) -> None:
+        """Updates are asked for with the operational certificate: wait for the first one."""
+        while self._renewer is None or self._renewer.credential is None:
+            await asyncio.sleep(0.2)
+        await updater.run()
 
     def _update_token(self) -> str:
         """The device token for an update request: the operational key signs the serial and the time."""

@@ -68,6 +68,7 @@ class DeploymentCreate(BaseModel):
     crash_rate_factor: float = Field(default=2.0, ge=1, le=1000)
     min_crash_reports: int = Field(default=3, ge=1, le=1_000_000)
     max_unhealthy_fraction: float = Field(default=0.2, ge=0, le=1)
+    soak_seconds: int = Field(default=0, ge=0, le=7 * 24 * 3600)
     window: WindowBody | None = None
 
     def plan(self) -> RolloutPlan:
@@ -80,6 +81,7 @@ class DeploymentCreate(BaseModel):
                 crash_rate_factor=self.crash_rate_factor,
                 min_crash_reports=self.min_crash_reports,
                 max_unhealthy_fraction=self.max_unhealthy_fraction,
+                soak_seconds=self.soak_seconds,
             )
         except (TypeError, ValueError) as error:
             raise InvalidInput(str(error), code="invalid_plan") from None
@@ -119,6 +121,7 @@ class PlanPublic(BaseModel):
     crash_rate_factor: float
     min_crash_reports: int
     max_unhealthy_fraction: float
+    soak_seconds: int
 
 
 class DeploymentPublic(BaseModel):

@@ -130,6 +130,9 @@ def create(
     report_timeout: Annotated[
         int, typer.Option(min=1, help="Seconds after which a device that has not reported counts as failed.")
     ] = 1800,
+    soak: Annotated[
+        int, typer.Option(min=0, help="Seconds a wave must stay healthy after succeeding before the next.")
+    ] = 0,
     window: Annotated[
         str | None, typer.Option(help="Daily maintenance window in UTC, HH:MM-HH:MM (e.g. 01:00-04:00).")
     ] = None,
@@ -142,6 +145,7 @@ def create(
         success_threshold=success,
         max_failure_fraction=max_failures,
         report_timeout_seconds=report_timeout,
+        soak_seconds=soak,
         window=_window(window),
     )
     state, client, tenant_id = in_tenant(context, tenant)

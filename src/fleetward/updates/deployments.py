@@ -70,6 +70,8 @@ MAX_PENDING_NUDGES = 1024
 #: signed assignments each process keeps
 ASSIGNMENT_CACHE = 4096
 UNASSIGNED = "unassigned"
+#: the longest message kept for a device's update state
+MAX_MESSAGE_CHARS = 2048
 
 
 class ImageSource(Protocol):
@@ -635,19 +637,36 @@ class DeploymentService:
     ) -> list[OpenedWave]:
         """End the rollout and give every device it reached the previous deployment (or nothing)."""
         self._end(connection, row, record, DeploymentState.ABORTED, reason, now)
-        reached = [
-            r.device_id
+        outcomes = {
+            r.device_id: r
             for r in connection.execute(
-                sa.select(device_updates.c.device_id).where(
-                    device_updates.c.tenant_id == row.tenant_id, device_updates.c.deployment_id == row.id
-                )
+                sa.select(
+                    device_updates.c.device_id,
+                    device_updates.c.state,
+                    device_updates.c.code,
+                    device_updates.c.message,
+                ).where(device_updates.c.tenant_id == row.tenant_id, device_updates.c.deployment_id == row.id)
             )
-        ]
+        }
+        reached = list(outcomes)
         previous = None
         if row.previous_id is not None:
             candidate = self._row(connection, row.tenant_id, row.previous_id)
             previous = candidate if candidate.state == DeploymentState.CURRENT.value else None
         self._assign(connection, row.tenant_id, reached, previous.id if previous else None, None, now)
+        # each device keeps why: the abort, and how the aborted deployment went on it
+        for device_id, outcome in outcomes.items():
+            own = f"{outcome.state}" + (f" ({outcome.code}): {outcome.message}" if outcome.code else "")
+            connection.execute(
+                device_updates.update()
+                .where(device_updates.c.tenant_id == row.tenant_id, device_updates.c.device_id == device_id)
+                .values(
+                    code="rollout_aborted",
+                    message=f"deployment {row.id} was aborted: {reason}; on this device it was {own}"[
+                        :MAX_MESSAGE_CHARS
+                    ],
+                )
+            )
         event_log.record(
             connection,
             [
@@ -1147,23 +1166,25 @@ _PRECEDENCE = (
 def _device_state(
     report: VersionReport, deployment_id: str, wanted: Sequence[Image], before: core.DeviceState
 ) -> dict[str, object]:
-    """The device's state for its deployment from its report: installed once it runs every assigned image;
-    otherwise the worst state its results for this deployment show (older deployments' are ignored)."""
+    """The device's state for its deployment from its report: the worst state its results for this
+    deployment show (older deployments' are ignored); else installed once it runs every assigned image."""
     running = {(item.component_id, item.sha256) for item in report.components}
     results = [result for result in report.results if result.deployment_id == deployment_id]
     values: dict[str, object] = {
         "bytes_downloaded": sum(result.bytes_downloaded for result in results),
         "bytes_saved": sum(result.bytes_saved for result in results),
     }
-    if wanted and all((image.component_id, image.sha256) in running for image in wanted):
-        values.update(state=core.DeviceState.INSTALLED.value, code=None, message="")
-        return values
+    # what the device says of this deployment's images comes first: a device in its trial already runs
+    # the new image, but it is not installed until the trial ends well
     states = {_REPORTED[result.state]: result for result in results}
     for state in _PRECEDENCE:
         if state in states:
             result = states[state]
             values.update(state=state.value, code=result.code, message=result.message)
             return values
+    if wanted and all((image.component_id, image.sha256) in running for image in wanted):
+        values.update(state=core.DeviceState.INSTALLED.value, code=None, message="")
+        return values
     if states and all(_REPORTED[result.state] is core.DeviceState.INSTALLED for result in results):
         values.update(state=core.DeviceState.INSTALLED.value, code=None, message="")
         return values

@@ -704,12 +704,17 @@ class ImageService:
                 )
             if self._image_row(connection, tenant_id, product_id, component_id, version) is not None:
                 raise Conflict(f"version {version} of this component already exists", code="image_exists")
-            base = self._delta_base(connection, tenant_id, product_id, component_id, version)
-        delta: tuple[str, bytes] | None = None
-        if base is not None and base.sha256 != sha256:
-            patch = bsdiff4.diff(base.data, package)
-            if len(patch) < len(package):
-                delta = (base.sha256, patch)
+            bases = self._delta_bases(
+                connection, tenant_id, product_id, component_id, version, self._limits.image_delta_bases
+            )
+        # a delta from each of the latest earlier versions, so that devices a version or two behind (or
+        # back on an older one after a rollback) fetch a delta too; one that saves nothing is not kept
+        deltas: list[tuple[str, bytes]] = []
+        for base in bases:
+            if base.sha256 != sha256:
+                patch = bsdiff4.diff(base.data, package)
+                if len(patch) < len(package):
+                    deltas.append((base.sha256, patch))
         self._authority.add_reference_values(
             principal, tenant_id, [ReferenceValue(component_id, version, sha256)]
         )
@@ -738,8 +743,7 @@ class ImageService:
                     created_at=now,
                 )
             )
-            if delta is not None:
-                base_sha256, patch = delta
+            for base_sha256, patch in deltas:
                 patch_sha256 = hashlib.sha256(patch).hexdigest()
                 connection.execute(
                     self._db.insert_or_ignore(image_blobs).values(
@@ -778,7 +782,7 @@ class ImageService:
                         kind="updates",
                         code="image_added",
                         detail=f"{kind.value} image {component_id} {version} ({len(package)} bytes"
-                        + (f", delta {len(delta[1])} bytes" if delta is not None else "")
+                        + "".join(f", delta {len(patch)} bytes" for _base, patch in deltas)
                         + f") published for product {product_id}",
                         tenant_id=tenant_id,
                         actor=principal.email,
@@ -802,10 +806,10 @@ class ImageService:
         ).first()
 
     @staticmethod
-    def _delta_base(
-        connection: Connection, tenant_id: str, product_id: str, component_id: str, version: str
-    ) -> Any:
-        """The highest earlier version of the component in the product, with its bytes (or ``None``)."""
+    def _delta_bases(
+        connection: Connection, tenant_id: str, product_id: str, component_id: str, version: str, count: int
+    ) -> list[Any]:
+        """The ``count`` highest earlier versions of the component in the product, with their bytes."""
         rows = connection.execute(
             sa.select(images.c.version, images.c.sha256).where(
                 images.c.tenant_id == tenant_id,
@@ -814,15 +818,19 @@ class ImageService:
             )
         ).all()
         new = parse_version(version)
-        earlier = [row for row in rows if parse_version(row.version) < new]
-        if not earlier:
-            return None
-        best = max(earlier, key=lambda row: parse_version(row.version))
-        return connection.execute(
-            sa.select(image_blobs.c.sha256, image_blobs.c.data).where(
-                image_blobs.c.tenant_id == tenant_id, image_blobs.c.sha256 == best.sha256
-            )
-        ).first()
+        earlier = sorted(
+            (row for row in rows if parse_version(row.version) < new),
+            key=lambda row: parse_version(row.version),
+            reverse=True,
+        )[:count]
+        return [
+            connection.execute(
+                sa.select(image_blobs.c.sha256, image_blobs.c.data).where(
+                    image_blobs.c.tenant_id == tenant_id, image_blobs.c.sha256 == row.sha256
+                )
+            ).one()
+            for row in earlier
+        ]
 
     def list_images(
         self,

@@ -9,7 +9,8 @@ says what to do next:
   back (devices silent for longer than the report timeout count as failed), crash reports per device-hour
   above the group's rate before the rollout times a factor, or too many devices unhealthy (a crash loop or
   a refused launch since the update);
-- ``OPEN_NEXT`` when the newest wave has installed at least the success threshold;
+- ``OPEN_NEXT`` when the newest wave has installed at least the success threshold and has soaked for the
+  plan's ``soak_seconds`` since (regressions that show only after an install get that long to show);
 - ``COMPLETE`` when that is true of the last wave;
 - ``HOLD`` otherwise.
 
@@ -107,6 +108,9 @@ class RolloutPlan:
     min_crash_reports: int = 3
     #: abort when this fraction of the devices reached is unhealthy (crash loop, refused launch)
     max_unhealthy_fraction: float = 0.2
+    #: once a wave reached the success threshold, the next opens only after this long without an abort,
+    #: so that regressions that show after an install (crashes, devices turning unhealthy) are seen first
+    soak_seconds: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.waves, tuple) or not all(isinstance(w, WaveSpec) for w in self.waves):
@@ -126,6 +130,8 @@ class RolloutPlan:
             raise ValueError("min_crash_reports is a positive int")
         if not isinstance(self.crash_rate_factor, (int, float)) or self.crash_rate_factor < 1:
             raise ValueError("crash_rate_factor is a number of at least 1")
+        if not isinstance(self.soak_seconds, int) or self.soak_seconds < 0:
+            raise ValueError("soak_seconds is an int of at least 0")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -136,6 +142,7 @@ class RolloutPlan:
             "crash_rate_factor": self.crash_rate_factor,
             "min_crash_reports": self.min_crash_reports,
             "max_unhealthy_fraction": self.max_unhealthy_fraction,
+            "soak_seconds": self.soak_seconds,
         }
 
     @classmethod
@@ -150,6 +157,7 @@ class RolloutPlan:
                 crash_rate_factor=float(value["crash_rate_factor"]),
                 min_crash_reports=int(value["min_crash_reports"]),
                 max_unhealthy_fraction=float(value["max_unhealthy_fraction"]),
+                soak_seconds=int(value.get("soak_seconds", 0)),
             )
         except (KeyError, TypeError) as error:
             raise ValueError(f"not a rollout plan: {error}") from None
@@ -352,6 +360,16 @@ def judge(plan: RolloutPlan, progress: RolloutProgress, now: dt.datetime) -> Ver
     figures = f"wave {newest + 1}: {installed} of {size} installed ({_percent(installed, size)})"
     if not ready:
         return Verdict(Decision.HOLD, "waiting", f"{figures}, {plan.success_threshold:.0%} needed to go on")
+    if plan.soak_seconds and size:
+        # the wave became ready with its last install: it soaks from then on
+        ready_at = max(
+            device.reported_at or device.assigned_at
+            for device in in_wave
+            if device.state is DeviceState.INSTALLED
+        )
+        left = plan.soak_seconds - (now - ready_at).total_seconds()
+        if left > 0:
+            return Verdict(Decision.HOLD, "soaking", f"{figures}, soaking for {left:.0f} s more")
     if last:
         return Verdict(Decision.COMPLETE, "complete", f"{figures}: the rollout is complete")
     return Verdict(Decision.OPEN_NEXT, "open_next", f"{figures}: opening wave {newest + 2}")
