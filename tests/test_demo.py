@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 
@@ -29,6 +30,10 @@ def test_the_demo_runs_agents_that_enroll_report_and_are_refused_once_revoked(
     assert "direct method read_power" in shown
     assert "3 received it" in shown
     assert "ended its live session" in shown
+    assert "the rollout aborted itself in wave 1" in shown
+    assert "the inverter calibration table is missing" in shown
+    assert "Every panel still runs panel-monitor 2.1.0" in shown
+    assert "every panel runs panel-monitor 2.2.1, kept after its trial" in shown
     database = Database(f"sqlite:///{tmp_path / 'fleetward.db'}")
     try:
         with database.read() as connection:
@@ -56,9 +61,11 @@ def test_the_demo_runs_agents_that_enroll_report_and_are_refused_once_revoked(
                     device_reports.c.kind == "crash"
                 )
             ).all()
-            assert len(crashes) == 2
-            assert len({row.signature for row in crashes}) == 1  # one problem, on two devices
-            assert len({row.device_id for row in crashes}) == 2
+            # the segfault story: one problem on two devices; and the broken release's trial on one
+            signatures = collections.Counter(row.signature for row in crashes)
+            assert sorted(signatures.values()) == [1, 2]
+            [segfault] = [signature for signature, count in signatures.items() if count == 2]
+            assert len({row.device_id for row in crashes if row.signature == segfault}) == 2
             assert kinds.count("launch_refused") == 1
             assert "security-baseline" in kinds
     finally:

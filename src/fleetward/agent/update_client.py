@@ -471,7 +471,7 @@ class UpdateClient:
         floors: dict[str, str] = {}
         for component, version in value.items():
             if not isinstance(component, str) or not _COMPONENT.fullmatch(component):
-                raise UpdateRefused(f"{name} names a floor for {component!r}", code="metadata_invalid")
+                continue  # a floor of another measurement (the agent's, by name): not an image's
             try:
                 parse_version(version)
             except (TypeError, ValueError):

@@ -103,15 +103,29 @@ def with_appkit(files: dict[str, bytes], directory: str = "bin") -> dict[str, by
     return {**files, f"{directory}/appkit.py": Path(appkit.__file__).read_bytes()}
 
 
-def panel_monitor_package(tenant_id: str) -> bytes:
-    """panel-monitor 2.1.0 for ``tenant_id``'s devices (DeviceAuthentication names the tenant)."""
+#: what a broken release of panel-monitor does first: it exits, as a release missing a data file would
+BROKEN_START = """
+import sys
+sys.stderr.write("panel-monitor {version}: the inverter calibration table is missing\\n")
+sys.exit(3)
+"""
+
+
+def panel_monitor_package(
+    tenant_id: str, version: str = PANEL_MONITOR_VERSION, *, broken: bool = False
+) -> bytes:
+    """panel-monitor ``version`` for ``tenant_id``'s devices (DeviceAuthentication names the tenant);
+    ``broken``: a release that exits at once (it never passes an update's trial)."""
     manifest = Manifest(
         name="panel-monitor",
         component_id=PANEL_MONITOR,
         entry_point="bin/panel-monitor",
         capabilities=Capabilities(mutable_storage_kb=64, device_authentication=tenant_id),
     )
-    return build_package(manifest, with_appkit({"bin/panel-monitor": script(PANEL_MONITOR_SCRIPT)}))
+    body = PANEL_MONITOR_SCRIPT.replace(f"panel-monitor {PANEL_MONITOR_VERSION}", f"panel-monitor {version}")
+    if broken:
+        body = BROKEN_START.format(version=version) + body
+    return build_package(manifest, with_appkit({"bin/panel-monitor": script(body)}))
 
 
 def inverter_bridge_package() -> bytes:

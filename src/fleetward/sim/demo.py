@@ -39,7 +39,6 @@ from fleetward.server import BackgroundServer, free_port
 from fleetward.service_tls import ensure_service_tls
 from fleetward.sim.agents import (
     INVERTER_BRIDGE,
-    PANEL_MONITOR,
     PANEL_MONITOR_VERSION,
     Publisher,
     corrupt_installed_package,
@@ -51,6 +50,7 @@ from fleetward.sim.agents import (
 from fleetward.sim.fleet import SimulatedDevice, image_digest, measurement
 from fleetward.sim.story import AgentStory
 from fleetward.sim.story import Panel as AgentPanel
+from fleetward.sim.updates import UpdateOperator, UpdateStory
 from fleetward.transport import trust
 from fleetward.wire.evidence import Measurement
 
@@ -68,6 +68,7 @@ DEMO_AGENT_VALUES: dict[str, object] = {
     "sandbox.restart_initial_backoff_seconds": 0.2,
     "sandbox.restart_max_backoff_seconds": 1.0,
     "sandbox.stop_grace_seconds": 1.0,
+    "updates.trial_seconds": 1.0,
 }
 
 
@@ -114,20 +115,21 @@ def _farm(
     operator: FleetwardClient, url: str, hub_port: int, ca_file: Path, root: Path, farm: Path, count: int
 ) -> str:
     agent = Measurement(name="fleetward-agent", version=fleetward.__version__, sha256=agent_code_sha256())
-    tenant_id, group_id = _set_up_tenant(operator, agent)
+    tenant_id, product_id, groups = _set_up_tenant(operator, agent)
     publisher = Publisher.create(farm / "publisher")
+    updates = UpdateOperator(operator, tenant_id, product_id, publisher.key)
+    root_file = farm / "root.json"
+    updates.init_repository(root_file)
     panel_package = panel_monitor_package(tenant_id)
     panel_sha256 = hashlib.sha256(panel_package).hexdigest()
+    # published in the tenant's TUF repository (its reference value registered), and installed below
+    updates.publish(panel_package, PANEL_MONITOR_VERSION)
     published = publisher.publish(panel_package, farm / "published" / "panel-monitor-2.1.0.tar")
     bridge_package = inverter_bridge_package()
     bridge = publisher.publish(bridge_package, farm / "published" / "inverter-bridge-1.0.0.tar")
-    app = schemas.ReferenceValueItem(
-        component=PANEL_MONITOR, version=PANEL_MONITOR_VERSION, sha256=panel_sha256
-    )
-    operator.post(
-        f"/v1/tenants/{tenant_id}/reference-values",
-        schemas.ReferenceValuesAdd(values=[app]),
-        schemas.ReferenceValuesAdded,
+    console.print(
+        f"Image repository: TUF, root signed by {updates.threshold} of {len(updates.root_keys)} offline "
+        f"keys; panel-monitor {PANEL_MONITOR_VERSION} published (the devices trust {root_file.name})\n"
     )
     panels: list[AgentPanel] = []
     for number in range(1, count + 1):
@@ -148,6 +150,8 @@ def _farm(
                 # agents sharing a machine need disjoint uid ranges: an application's user is its own
                 "sandbox.first_app_uid": 200_000 + 100 * number,
                 "sandbox.app_uid_count": 100,
+                "updates.root_file": str(root_file),
+                "updates.product_id": product_id,
             },
         )
         if number == count:  # its flash fails: this package no longer is what was installed
@@ -163,18 +167,21 @@ def _farm(
     ]
     claim = schemas.DeviceClaim(
         devices=[
-            *(
-                SimulatedDevice(panel.name, (), root_of_trust=rot).claim_item()
-                for panel, rot in zip(panels, identities, strict=True)
-            ),
-            extra["outdated"].claim_item(),
-            extra["tampered"].claim_item(),
+            SimulatedDevice(panel.name, (), root_of_trust=rot).claim_item()
+            for panel, rot in zip(panels, identities, strict=True)
         ],
-        group_id=group_id,
+        group_id=groups["Field Test"],
     )
     claimed = operator.post(f"/v1/tenants/{tenant_id}/devices/claim", claim, schemas.ClaimResponse)
+    # the two devices the authority refuses never run an agent: they are on a bench, not in the field
+    bench = schemas.DeviceClaim(
+        devices=[extra["outdated"].claim_item(), extra["tampered"].claim_item()],
+        group_id=groups["Development"],
+    )
+    on_bench = operator.post(f"/v1/tenants/{tenant_id}/devices/claim", bench, schemas.ClaimResponse)
     console.print(
-        f"Claimed [bold]{claimed.claimed}[/bold] devices into the Field Test group. Each panel runs the "
+        f"Claimed [bold]{claimed.claimed}[/bold] panels into the Field Test group (and {on_bench.claimed} "
+        "bench devices into Development). Each panel runs the "
         f"agent with panel-monitor {PANEL_MONITOR_VERSION} installed (signed, SHA-256 {panel_sha256[:16]}…); "
         f"{panels[-1].name} also has inverter-bridge 1.0.0, whose package got corrupted on its flash.\n"
     )
@@ -186,6 +193,13 @@ def _farm(
             await _show_refusals(url, ca_file, extra)
             await story.renew(panels[0])
             await story.run_hub_story()
+            await UpdateStory(
+                console,
+                updates,
+                groups["Field Test"],
+                [(panel.name, panel.running) for panel in panels],
+                lambda version, broken: panel_monitor_package(tenant_id, version, broken=broken),
+            ).run()
             await story.revoke(panels[-1])
             kept, revoked = panels[0], panels[-1]
             certificates = [
@@ -222,14 +236,14 @@ def _healthy_software() -> tuple[Measurement, ...]:
     return (measurement(*AGENT), measurement(*APP))
 
 
-def _set_up_tenant(operator: FleetwardClient, agent: Measurement) -> tuple[str, str]:
+def _set_up_tenant(operator: FleetwardClient, agent: Measurement) -> tuple[str, str, dict[str, str]]:
     tenant = operator.post("/v1/tenants", schemas.TenantCreate(name="solar-farm"), schemas.TenantPublic)
     product = operator.post(
         f"/v1/tenants/{tenant.id}/products",
         schemas.ProductCreate(name="panel-controller", description="Controller on each solar panel"),
         schemas.ProductCreated,
     )
-    field_test = next(group for group in product.device_groups if group.name == "Field Test")
+    groups = {group.name: group.id for group in product.device_groups}
     values = [
         schemas.ReferenceValueItem(component=name, version=version, sha256=image_digest(name, version))
         for name, version in (AGENT, APP, OLD_APP)
@@ -258,7 +272,7 @@ def _set_up_tenant(operator: FleetwardClient, agent: Measurement) -> tuple[str, 
     table.add_row("security floor", f"{APP[0]} ≥ 2.0.0")
     table.add_row("CA", "root (P-384) and issuing CA (P-256), keys sealed under the master key")
     console.print(table)
-    return tenant.id, field_test.id
+    return tenant.id, product.product.id, groups
 
 
 async def _show_refusals(url: str, ca_file: Path, extra: dict[str, SimulatedDevice]) -> None:

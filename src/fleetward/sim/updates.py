@@ -19,12 +19,16 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from rich.console import Console
+from rich.table import Table
 from securesystemslib.signer import CryptoSigner
 
 from fleetward.agent.package import sign_package
+from fleetward.agent.runtime import Agent
 from fleetward.api.routes_deployments import DeploymentCreate, DeploymentPublic, DeviceUpdatePublic
 from fleetward.api.schemas_images import ImageCreate, ImagePublic, RootAccepted, RootProposalCreate
 from fleetward.client import FleetwardClient
+from fleetward.sim.agents import PANEL_MONITOR
 from fleetward.updates.repository import sign_root
 
 #: deployment states after which a rollout does no more
@@ -114,3 +118,88 @@ class UpdateOperator:
                     f"deployment {deployment_id} is still {current.state} after {timeout:g} s: {current}"
                 )
             await asyncio.sleep(0.1)
+
+
+class UpdateStory:
+    """The demo's update chapter: a broken release caught in its first wave, then a good one rolled out."""
+
+    def __init__(
+        self,
+        console: Console,
+        operator: UpdateOperator,
+        group_id: str,
+        agents: Sequence[tuple[str, Agent]],
+        package: Callable[[str, bool], bytes],
+    ) -> None:
+        self._console = console
+        self._operator = operator
+        self._group = group_id
+        self._agents = agents
+        self._package = package
+        self._last_line = ""
+
+    async def run(self) -> None:
+        console = self._console
+        console.rule("updates: TUF-signed images, waves that stop themselves, A/B slots on the devices")
+        waves = ["1", "50%", "all"]
+        broken = await asyncio.to_thread(self._operator.publish, self._package("2.2.0", True), "2.2.0")
+        deployment = await asyncio.to_thread(self._operator.deploy, self._group, [broken], waves=waves)
+        console.print(
+            f"Published panel-monitor 2.2.0 (signed, in the tenant's TUF repository) and deployed it to the "
+            f"Field Test group in waves of {', '.join(waves)}: wave 1 is asked to check now, through the hub."
+        )
+        aborted = await self._operator.follow(deployment.id, on_change=self._show_progress)
+        statuses = {
+            name: await asyncio.to_thread(self._operator.device, agent.device_id)
+            for name, agent in self._agents
+        }
+        [(victim, status)] = [(name, s) for name, s in statuses.items() if s.code == "rollout_aborted"]
+        console.print(
+            f"[green]✔[/green] the rollout aborted itself in wave {aborted.waves_opened}: {aborted.reason}.\n"
+            f"  {victim} tried 2.2.0 in its inactive slot; the application did not come up, so the agent "
+            f"switched back to 2.1.0 by itself and said why: {status.message.split('was ')[-1]}"
+        )
+        console.print(f"  Every panel still runs panel-monitor {await self._versions()}.\n")
+
+        good = await asyncio.to_thread(self._operator.publish, self._package("2.2.1", False), "2.2.1")
+        rollout = await asyncio.to_thread(self._operator.deploy, self._group, [good], waves=waves)
+        console.print("Published panel-monitor 2.2.1, the fixed release, and deployed it in the same waves.")
+        completed = await self._operator.follow(rollout.id, on_change=self._show_progress)
+        table = Table(title=f"Rollout of 2.2.1: {completed.state}", title_justify="left")
+        for column in ("wave", "devices", "installed", "failed or rolled back"):
+            table.add_column(column, justify="right")
+        for wave in completed.waves:
+            table.add_row(
+                str(wave.wave + 1), str(wave.size), str(wave.installed), str(wave.failed + wave.rolled_back)
+            )
+        console.print(table)
+        statuses = {
+            name: await asyncio.to_thread(self._operator.device, agent.device_id)
+            for name, agent in self._agents
+        }
+        downloaded = sum(status.bytes_downloaded for status in statuses.values())
+        saved = sum(status.bytes_saved for status in statuses.values())
+        console.print(
+            f"[green]✔[/green] every panel runs panel-monitor {await self._versions()}, kept after its "
+            f"trial; each fetched a bsdiff delta from 2.1.0: {downloaded:,} bytes in all, {saved:,} fewer "
+            "than the full images.\n"
+        )
+
+    def _show_progress(self, deployment: DeploymentPublic) -> None:
+        waves = "  ".join(
+            f"wave {wave.wave + 1}: {wave.installed}/{wave.size} installed"
+            + (f", {wave.rolled_back} rolled back" if wave.rolled_back else "")
+            + (f", {wave.failed} failed" if wave.failed else "")
+            for wave in deployment.waves[: deployment.waves_opened]
+        )
+        line = f"  [dim]{deployment.state:<11}[/dim] {waves}"
+        if line != self._last_line:
+            self._console.print(line)
+            self._last_line = line
+
+    async def _versions(self) -> str:
+        versions: set[str] = set()
+        for _name, agent in self._agents:
+            status = await agent.status()
+            versions.update(app.version for app in status.apps if app.component_id == PANEL_MONITOR)
+        return ", ".join(sorted(versions))

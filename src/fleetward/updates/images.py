@@ -21,6 +21,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import re
 import tempfile
 import threading
 import uuid
@@ -58,6 +59,7 @@ from fleetward.store.schema import (
 from fleetward.updates import repository
 from fleetward.updates.models import Image, RepositoryStatus
 from fleetward.updates.repository import DIRECTOR, ONLINE_ROLES, ExpiryPolicy, OnlineKeys
+from fleetward.wire.reports import COMPONENT_ID_PATTERN
 from fleetward.wire.updates import (
     DIRECTOR_FIELD,
     ImageKind,
@@ -517,12 +519,18 @@ class ImageService:
 
     @staticmethod
     def _floors(connection: Connection, tenant_id: str) -> dict[str, str]:
+        """The tenant's security floors of components (applications, by component id); floors of other
+        measurements (the agent, by name) are the authority's to enforce at attestation."""
         rows = connection.execute(
             sa.select(security_floors.c.component, security_floors.c.minimum_version).where(
                 security_floors.c.tenant_id == tenant_id
             )
         )
-        return {row.component: row.minimum_version for row in rows}
+        return {
+            row.component: row.minimum_version
+            for row in rows
+            if re.fullmatch(COMPONENT_ID_PATTERN, row.component)
+        }
 
     def _product_targets(self, connection: Connection, tenant_id: str, product_id: str) -> list[TargetFile]:
         rows = {
