@@ -298,3 +298,12 @@ def test_a_wave_that_succeeded_opens_the_next_only_after_soaking() -> None:
     early = judge(plan, progress, start + dt.timedelta(seconds=300))
     assert (early.decision, early.code) == (Decision.HOLD, "soaking")
     assert judge(plan, progress, start + dt.timedelta(seconds=631)).decision is Decision.OPEN_NEXT
+
+
+def test_a_device_that_defers_holds_its_wave_back_instead_of_going_silent() -> None:
+    plan = RolloutPlan(waves=(WaveSpec(count=1), WaveSpec(percent=100)), report_timeout_seconds=60)
+    start = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
+    deferred = DeviceProgress("d1", 0, DeviceState.DEFERRED, assigned_at=start, reported_at=start)
+    progress = RolloutProgress(waves_opened=1, wave_sizes=(1, 3), devices=(deferred,))
+    verdict = judge(plan, progress, start + dt.timedelta(hours=5))
+    assert (verdict.decision, verdict.code) == (Decision.HOLD, "waiting")

@@ -261,3 +261,12 @@ async def test_a_trial_the_agent_did_not_live_through_is_rolled_back_at_start_an
     assert device.installed_version() == "1.0.0"
     [result] = updater.pending_results()
     assert (result.version, result.state, result.code) == ("2.0.0", UpdateState.ROLLED_BACK, "interrupted")
+
+
+def test_a_maintenance_window_opens_at_its_start_the_next_day_when_it_has_passed() -> None:
+    window = MaintenanceWindow(dt.time(1, 0), dt.time(4, 0))
+    assert window.next_start(NOON) == dt.datetime(2026, 3, 2, 1, 0, tzinfo=dt.UTC)
+    early = NOON.replace(hour=0, minute=30)
+    assert window.next_start(early) == early.replace(hour=1, minute=0)
+    inside = NOON.replace(hour=2)
+    assert window.next_start(inside) == inside

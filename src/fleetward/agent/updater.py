@@ -112,6 +112,8 @@ class Updater:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._assignment_version = 0
+        #: when a deferred update may go on (the end of a deferral, the start of a window)
+        self._retry_at: dt.datetime | None = None
         self._pending: list[UpdateResult] = self._load_results()
         self.last_error: str | None = None
         self.checks = 0
@@ -131,8 +133,11 @@ class Updater:
             except (FleetwardError, OSError) as error:
                 self.last_error = str(error)
                 logger.warning("update check failed: %s", error)
+            wait = self.settings.poll_seconds
+            if self._retry_at is not None:  # a deferred update: look again when its wait is over
+                wait = min(wait, max(1.0, (self._retry_at - self._clock.now()).total_seconds()))
             try:
-                async with asyncio.timeout(self.settings.poll_seconds):
+                async with asyncio.timeout(wait):
                     await self._wake.wait()
             except TimeoutError:
                 pass
@@ -183,6 +188,7 @@ class Updater:
                 self.last_error = f"{refused.code}: {refused.message}"
                 raise
             self._assignment_version = plan.assignment_version
+            self._retry_at = None
             for image in plan.images:
                 await self._install(plan, image)
             self.last_error = None
@@ -244,6 +250,9 @@ class Updater:
             await self._apps.replace(previous, component)
         except LaunchRefused as refused:  # the previous slot passed before; say so if it no longer does
             logger.error("the previous %s does not launch either: %s", component, refused.message)
+
+    def _defer_until(self, moment: dt.datetime) -> None:
+        self._retry_at = moment if self._retry_at is None else min(self._retry_at, moment)
 
     # ------------------------------------------------------------------ what the director hears
 

@@ -225,8 +225,10 @@ class DeviceProgress:
     unhealthy: bool = False
 
     def silent(self, now: dt.datetime, timeout_seconds: int) -> bool:
-        """Not finished, and nothing heard for longer than the timeout."""
-        if self.state in DONE_STATES:
+        """Not finished, and nothing heard for longer than the timeout. A device that said it defers (its
+        maintenance window, an application's deferral) is waiting, not silent: it holds its wave back
+        instead of failing it."""
+        if self.state in DONE_STATES or self.state is DeviceState.DEFERRED:
             return False
         heard = self.reported_at or self.assigned_at
         return (now - heard).total_seconds() > timeout_seconds

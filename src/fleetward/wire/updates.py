@@ -125,6 +125,14 @@ class MaintenanceWindow:
             return self.start <= now < self.end
         return now >= self.start or now < self.end
 
+    def next_start(self, moment: dt.datetime) -> dt.datetime:
+        """The next time the window opens after ``moment`` (``moment`` itself if it is open)."""
+        if self.contains(moment):
+            return moment
+        utc = moment.astimezone(dt.UTC)
+        start = utc.replace(hour=self.start.hour, minute=self.start.minute, second=0, microsecond=0)
+        return start if start > utc else start + dt.timedelta(days=1)
+
     def to_dict(self) -> dict[str, str]:
         return {"start": self.start.strftime("%H:%M"), "end": self.end.strftime("%H:%M")}
 
