@@ -385,6 +385,12 @@ def test_another_tenants_device_cannot_read_this_tenants_repository(
             assert ok.status_code == 200, path
             refused = http.get(path, headers={"Authorization": DeviceFetcher(http, stranger).token()})
             assert refused.status_code == 404, path  # it sees its own tenant's repository, which has neither
+        # a quarantined device still reads it: an update is how it is remediated
+        repo.client.request_json("POST", f"{repo.base}/devices/{own.device_id}/quarantine", {})
+        quarantined = http.get(
+            "/updates/v1/metadata/1.root.json", headers={"Authorization": DeviceFetcher(http, own).token()}
+        )
+        assert quarantined.status_code == 200
         # a revoked device is refused at once
         assert own.credential is not None
         repo.client.request_json("POST", f"{repo.base}/devices/{own.device_id}/revoke", {})

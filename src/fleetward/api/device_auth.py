@@ -2,7 +2,8 @@
 
 The device's operational key signs its certificate's serial and the time (``wire.updates.device_token``).
 The token is checked against the certificate fleetward issued for that serial: the certificate must be
-neither revoked nor expired and its device active, so a revoked device stops updating at once, and the
+neither revoked nor expired and its device active or quarantined (an update is how a quarantined device
+is remediated), so a revoked device stops updating at once, and the
 tenant of the request is the tenant of the certificate (one tenant's device cannot read another's
 repository).
 
@@ -32,6 +33,7 @@ from fleetward.wire.updates import DeviceToken
 
 #: how many verified tokens each process remembers
 VERIFIED_TOKENS = 4096
+_MAY_UPDATE = frozenset({DeviceStatus.ACTIVE.value, DeviceStatus.QUARANTINED.value})
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,8 @@ class DeviceAuthenticator:
             raise Unauthenticated("the device's certificate is revoked", code="certificate_revoked")
         if not row.not_before <= now < row.not_after:
             raise Unauthenticated("the device's certificate is not valid now", code="certificate_expired")
-        if row.status != DeviceStatus.ACTIVE.value or row.device_tenant_id != row.tenant_id:
+        # a quarantined device may still update: an update is how it is remediated
+        if row.status not in _MAY_UPDATE or row.device_tenant_id != row.tenant_id:
             raise Unauthenticated(f"the device is {row.status}, not active", code="device_not_active")
         key = (token.serial, token.issued_at, token.signature)
         seconds = int(now.timestamp())
