@@ -412,6 +412,18 @@ class UpdateResult(BaseModel):
     at: AwareDatetime
 
 
+class CheckRefusal(BaseModel):
+    """Why the device's last check refused what it was given (metadata, the assignment, a target): it
+    installed nothing. A device that keeps refusing cannot take its assignment; the director counts it
+    as failed."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    code: CodeText
+    message: str = Field(default="", max_length=MAX_REASON_CHARS)
+    at: AwareDatetime
+
+
 class VersionReport(BaseModel):
     """What a device runs, the assignment it last verified, and how its updates went."""
 
@@ -421,4 +433,6 @@ class VersionReport(BaseModel):
     assignment_version: int = Field(default=0, ge=0)
     components: tuple[InstalledComponent, ...] = Field(default=(), max_length=MAX_COMPONENTS)
     results: tuple[UpdateResult, ...] = Field(default=(), max_length=MAX_COMPONENTS)
+    #: set when the last check refused what it was given (``None`` once a check succeeds)
+    refusal: CheckRefusal | None = None
     sent_at: AwareDatetime
