@@ -23,7 +23,7 @@ from fleetward.agent.launch import InstallRecord
 from fleetward.agent.package import build_package, sign_package
 from fleetward.agent.slots import ComponentSlots
 from fleetward.agent.update_client import Downloaded, Plan, PlannedImage
-from fleetward.agent.updater import Updater, UpdaterSettings
+from fleetward.agent.updater import Client, Updater, UpdaterSettings
 from fleetward.clock import FakeClock
 from fleetward.errors import LaunchRefused, TransportError, UpdateRefused
 from fleetward.wire.updates import (
@@ -49,14 +49,19 @@ class FakeClient:
     blobs: dict[str, bytes]
     reports: list[VersionReport] = field(default_factory=list)
     refuse_download: UpdateRefused | None = None
+    cut: TransportError | None = None
     offline: bool = False
+    downloads: int = 0
 
     def check(self, installed: Mapping[str, tuple[str, str]]) -> Plan:
         return self.plan
 
     def download(self, image: PlannedImage, partial: Path, have: Path | None) -> Downloaded:
+        self.downloads += 1
         if self.refuse_download is not None:
             raise self.refuse_download
+        if self.cut is not None:
+            raise self.cut
         data = self.blobs[image.sha256]
         partial.write_bytes(data)
         return Downloaded(partial, len(data), 0, via_delta=False)
@@ -136,7 +141,7 @@ class Device:
         target.unrecognized_fields["custom"] = custom.model_dump(mode="json", exclude_none=True)
         return PlannedImage(COMPONENT, version, ImageKind.APP, target, custom)
 
-    def updater(self, client: FakeClient, apps: Apps) -> Updater:
+    def updater(self, client: Client, apps: Apps) -> Updater:
         settings = UpdaterSettings(state_dir=self.state_dir, apps_dir=self.apps_dir, trial_seconds=0.1)
         return Updater(settings, client, apps, clock=self.clock)
 
@@ -270,3 +275,101 @@ def test_a_maintenance_window_opens_at_its_start_the_next_day_when_it_has_passed
     assert window.next_start(early) == early.replace(hour=1, minute=0)
     inside = NOON.replace(hour=2)
     assert window.next_start(inside) == inside
+
+
+async def test_a_refused_check_is_reported_to_the_director_and_cleared_by_a_good_one(device: Device) -> None:
+    client = plan_for(device, "2.0.0")
+    refusing = RefusingClient(client)
+    updater = device.updater(refusing, Apps(device.world))
+    with pytest.raises(UpdateRefused):
+        await updater.check_once()
+    refusal = client.reports[-1].refusal
+    assert refusal is not None
+    assert (refusal.code, refusal.message) == ("metadata_expired", "the timestamp expired")
+    refusing.refusal = None
+    await updater.check_once()
+    assert client.reports[-1].refusal is None
+
+
+async def test_a_download_the_network_cut_is_still_downloading_and_retried_soon(device: Device) -> None:
+    client = plan_for(device, "2.0.0")
+    client.cut = TransportError("the connection was reset", code="download_interrupted")
+    updater = device.updater(client, Apps(device.world))
+    await updater.check_once()
+    assert device.installed_version() == "1.0.0"
+    assert last_state(client) == [("2.0.0", UpdateState.DOWNLOADING, "download_interrupted")]
+    assert updater.retry_at == NOON + dt.timedelta(seconds=60)
+    client.cut = None
+    await updater.check_once()
+    assert last_state(client) == [("2.0.0", UpdateState.INSTALLED, None)]
+
+
+async def test_an_image_that_was_rolled_back_is_not_tried_again_for_the_same_deployment(
+    device: Device,
+) -> None:
+    client = plan_for(device, "2.0.0", crash=True)
+    apps = Apps(device.world, verdict="it crashed")
+    await device.updater(client, apps).check_once()
+    assert last_state(client) == [("2.0.0", UpdateState.ROLLED_BACK, "app_unhealthy")]
+    client.downloads = 0
+    restarted = device.updater(client, apps)  # what was given up survives a restart
+    await restarted.check_once()
+    assert client.downloads == 0
+    assert device.installed_version() == "1.0.0"
+
+
+async def test_going_back_to_the_package_kept_in_the_other_slot_needs_no_download(device: Device) -> None:
+    first = plan_for(device, "2.0.0")
+    apps = Apps(device.world)
+    await device.updater(first, apps).check_once()
+    second = plan_for(device, "3.0.0")
+    await device.updater(second, apps).check_once()
+    assert device.installed_version() == "3.0.0"
+    # the director assigns 2.0.0 again (a rollback to the previous deployment): it is still in a slot
+    again = Plan(assignment_version=3, deployment_id="d-2", window=None, images=first.plan.images)
+    first.plan = again
+    first.downloads = 0
+    await device.updater(first, apps).check_once()
+    assert device.installed_version() == "2.0.0"
+    assert first.downloads == 0
+    [result] = first.reports[-1].results
+    assert (result.state, result.bytes_downloaded) == (UpdateState.INSTALLED, 0)
+    assert result.bytes_saved == first.plan.images[0].target.length
+
+
+async def test_an_agent_image_is_refused_rather_than_run_as_an_application(device: Device) -> None:
+    client = plan_for(device, "2.0.0")
+    image = client.plan.images[0]
+    agent_image = PlannedImage(image.component_id, image.version, ImageKind.AGENT, image.target, image.custom)
+    client.plan = Plan(assignment_version=1, deployment_id=DEPLOYMENT, window=None, images=(agent_image,))
+    await device.updater(client, Apps(device.world)).check_once()
+    assert device.installed_version() == "1.0.0"
+    assert last_state(client) == [("2.0.0", UpdateState.FAILED, "agent_image_unsupported")]
+
+
+async def test_outside_its_window_an_update_is_looked_at_again_when_the_window_opens(device: Device) -> None:
+    window = MaintenanceWindow(dt.time(1, 0), dt.time(4, 0))
+    updater = device.updater(plan_for(device, "2.0.0", window=window), Apps(device.world))
+    await updater.check_once()
+    assert updater.retry_at == dt.datetime(2026, 3, 2, 1, 0, tzinfo=dt.UTC)
+
+
+@dataclass
+class RefusingClient:
+    """The fake client, refusing every check while ``refusal`` is set."""
+
+    inner: FakeClient
+    refusal: UpdateRefused | None = field(
+        default_factory=lambda: UpdateRefused("the timestamp expired", code="metadata_expired")
+    )
+
+    def check(self, installed: Mapping[str, tuple[str, str]]) -> Plan:
+        if self.refusal is not None:
+            raise self.refusal
+        return self.inner.check(installed)
+
+    def download(self, image: PlannedImage, partial: Path, have: Path | None) -> Downloaded:
+        return self.inner.download(image, partial, have)
+
+    def report(self, report: VersionReport) -> None:
+        self.inner.report(report)

@@ -14,9 +14,13 @@ planned image in turn:
    it, or it crashes or stops in that time, the previous slot is launched again (``rolled_back``).
 
 A power cut or a kill at any step is recovered at the next start (:mod:`fleetward.agent.slots`: a trial
-that did not finish is rolled back). Every result goes to the director in a
-:class:`~fleetward.wire.updates.VersionReport`; results are kept on disk until the director has them, so
-none is lost to a network cut or a restart.
+that did not finish is rolled back). A download the network cut stays ``downloading`` and is resumed
+``retry_seconds`` later; an image that was rolled back is not tried again for the same deployment; going
+back to the package kept in the other slot needs no download; an image of the agent itself is refused
+(``agent_image_unsupported``: the agent installs applications; its own package comes from the system).
+Every result goes to the director in a :class:`~fleetward.wire.updates.VersionReport`, with the reason a
+check refused what it was given; results are kept on disk until the director has them, so none is lost
+to a network cut or a restart.
 """
 
 from __future__ import annotations
@@ -39,7 +43,14 @@ from fleetward.agent.update_client import Downloaded, Plan, PlannedImage
 from fleetward.clock import Clock, SystemClock
 from fleetward.errors import FleetwardError, LaunchRefused, TransportError, UpdateRefused
 from fleetward.wire.reports import MAX_REASON_CHARS
-from fleetward.wire.updates import InstalledComponent, UpdateResult, UpdateState, VersionReport
+from fleetward.wire.updates import (
+    CheckRefusal,
+    ImageKind,
+    InstalledComponent,
+    UpdateResult,
+    UpdateState,
+    VersionReport,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +60,7 @@ CHECK_METHOD = "fleetward.checkForUpdates"
 MAX_PENDING_RESULTS = 64
 
 _RESULTS = TypeAdapter(list[UpdateResult])
+_GIVEN_UP = TypeAdapter(list[tuple[str, str]])
 
 
 class Client(Protocol):
@@ -82,10 +94,16 @@ class UpdaterSettings:
     apps_dir: Path
     poll_seconds: float = 3600.0
     trial_seconds: float = 30.0
+    #: after a download the network cut, the next try comes this soon (it resumes)
+    retry_seconds: float = 60.0
 
     @property
     def results_file(self) -> Path:
         return self.state_dir / "updates" / "results.json"
+
+    @property
+    def given_up_file(self) -> Path:
+        return self.state_dir / "updates" / "given-up.json"
 
     @property
     def slots_dir(self) -> Path:
@@ -115,6 +133,9 @@ class Updater:
         #: when a deferred update may go on (the end of a deferral, the start of a window)
         self._retry_at: dt.datetime | None = None
         self._pending: list[UpdateResult] = self._load_results()
+        self._given_up: list[tuple[str, str]] = self._load_given_up()
+        #: why the last check refused what it was given, for the director (None after a good check)
+        self._refusal: CheckRefusal | None = None
         self.last_error: str | None = None
         self.checks = 0
 
@@ -184,9 +205,15 @@ class Updater:
             try:
                 plan = await asyncio.to_thread(self._client.check, self._installed())
             except UpdateRefused as refused:
+                # the director hears it too: a device that cannot take its assignment is a failed one
                 logger.error("update refused: %s (%s)", refused.message, refused.code)
                 self.last_error = f"{refused.code}: {refused.message}"
+                self._refusal = CheckRefusal(
+                    code=refused.code, message=refused.message[:MAX_REASON_CHARS], at=self._clock.now()
+                )
+                await self._flush()
                 raise
+            self._refusal = None
             self._assignment_version = plan.assignment_version
             self._retry_at = None
             for image in plan.images:
@@ -199,14 +226,28 @@ class Updater:
         component = image.component_id
         deployment = plan.deployment_id
         assert deployment is not None  # a plan with images names its deployment
+        if (deployment, image.sha256) in self._given_up:
+            return  # it was tried for this deployment and rolled back: the director knows; wait for another
         now = self._clock.now()
+        if image.kind is ImageKind.AGENT:
+            self._result(
+                plan,
+                image,
+                UpdateState.FAILED,
+                "agent_image_unsupported",
+                "this agent installs application images; its own image is installed by the system's "
+                "package manager",
+            )
+            return
         if plan.window is not None and not plan.window.contains(now):
+            self._defer_until(plan.window.next_start(now))
             self._result(
                 plan, image, UpdateState.DEFERRED, "outside_window", "outside the maintenance window"
             )
             return
         until = self._apps.deferred_until(component)
         if until is not None and until > now:
+            self._defer_until(until)
             self._result(
                 plan, image, UpdateState.DEFERRED, "deferred_by_app", f"deferred until {until.isoformat()}"
             )
@@ -214,15 +255,16 @@ class Updater:
         slots = await asyncio.to_thread(
             ComponentSlots.open, self.settings.state_dir, self.settings.apps_dir, component
         )
-        active = slots.active()
-        target = await asyncio.to_thread(slots.download_path, image.sha256, image.target.length)
-        have = active.package_path if active is not None else None
         self._result(plan, image, UpdateState.DOWNLOADING)
         try:
-            downloaded = await asyncio.to_thread(self._client.download, image, target.path, have)
-            await asyncio.to_thread(slots.stage, image.sha256, image.version, image.custom.signature_bytes())
-        except (UpdateRefused, TransportError, OSError) as error:
-            code = getattr(error, "code", "download_failed")
+            downloaded = await self._fetch(slots, image)
+        except TransportError as error:  # resumable: the next check goes on where this one stopped
+            self._defer_until(now + dt.timedelta(seconds=self.settings.retry_seconds))
+            self._result(plan, image, UpdateState.DOWNLOADING, error.code, error.message)
+            logger.warning("the download of %s %s stopped: %s", component, image.version, error.message)
+            return
+        except (UpdateRefused, OSError) as error:
+            code = error.code if isinstance(error, UpdateRefused) else "download_failed"
             self._result(plan, image, UpdateState.FAILED, code, str(error))
             logger.error("update of %s to %s failed: %s", component, image.version, error)
             return
@@ -245,14 +287,40 @@ class Updater:
         logger.error("update of %s to %s rolled back: %s", component, image.version, problem)
         # the result is on disk before the rollback, so a power cut in between cannot lose it
         self._result(plan, image, UpdateState.ROLLED_BACK, code, problem, downloaded=downloaded)
+        self._give_up(deployment, image.sha256)
         previous = await asyncio.to_thread(slots.roll_back, code)
         try:
             await self._apps.replace(previous, component)
         except LaunchRefused as refused:  # the previous slot passed before; say so if it no longer does
             logger.error("the previous %s does not launch either: %s", component, refused.message)
 
+    async def _fetch(self, slots: ComponentSlots, image: PlannedImage) -> Downloaded:
+        """The image staged in the inactive slot: the previous package kept there when it is the one (no
+        download), else downloaded (resumably, as a delta when one applies) and verified."""
+        restaged = await asyncio.to_thread(slots.restage, image.sha256, image.version)
+        if restaged is not None:
+            kept = slots.slot_dir(restaged.slot)
+            return Downloaded(kept, bytes_downloaded=0, bytes_saved=image.target.length, via_delta=False)
+        active = slots.active()
+        target = await asyncio.to_thread(slots.download_path, image.sha256, image.target.length)
+        have = active.package_path if active is not None else None
+        downloaded = await asyncio.to_thread(self._client.download, image, target.path, have)
+        await asyncio.to_thread(slots.stage, image.sha256, image.version, image.custom.signature_bytes())
+        return downloaded
+
+    @property
+    def retry_at(self) -> dt.datetime | None:
+        """When the last check's deferred or cut update is looked at again (before the next poll)."""
+        return self._retry_at
+
     def _defer_until(self, moment: dt.datetime) -> None:
         self._retry_at = moment if self._retry_at is None else min(self._retry_at, moment)
+
+    def _give_up(self, deployment_id: str, sha256: str) -> None:
+        """An image that failed its trial is not tried again for the same deployment (kept on disk)."""
+        self._given_up = [*self._given_up, (deployment_id, sha256)][-MAX_PENDING_RESULTS:]
+        data = json.dumps(self._given_up).encode()
+        write_private_file(self.settings.given_up_file, data)
 
     # ------------------------------------------------------------------ what the director hears
 
@@ -310,6 +378,7 @@ class Updater:
                 for component, (version, sha256) in sorted(installed.items())
             ),
             results=tuple(sent),
+            refusal=self._refusal,
             sent_at=self._clock.now(),
         )
         try:
@@ -322,6 +391,16 @@ class Updater:
 
     def pending_results(self) -> tuple[UpdateResult, ...]:
         return tuple(self._pending)
+
+    def _load_given_up(self) -> list[tuple[str, str]]:
+        path = self.settings.given_up_file
+        try:
+            return [(str(pair[0]), str(pair[1])) for pair in _GIVEN_UP.validate_json(path.read_bytes())]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValidationError) as error:
+            logger.warning("the updates given up in %s are unreadable, started afresh: %s", path, error)
+            return []
 
     def _load_results(self) -> list[UpdateResult]:
         path = self.settings.results_file
