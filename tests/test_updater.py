@@ -266,6 +266,11 @@ async def test_a_trial_the_agent_did_not_live_through_is_rolled_back_at_start_an
     assert device.installed_version() == "1.0.0"
     [result] = updater.pending_results()
     assert (result.version, result.state, result.code) == ("2.0.0", UpdateState.ROLLED_BACK, "interrupted")
+    # and it is not tried again for the same deployment
+    client.downloads = 0
+    await updater.check_once()
+    assert client.downloads == 0
+    assert device.installed_version() == "1.0.0"
 
 
 def test_a_maintenance_window_opens_at_its_start_the_next_day_when_it_has_passed() -> None:

@@ -184,6 +184,7 @@ class Updater:
                 trial.version,
                 trial.failure or INTERRUPTED,
             )
+            self._give_up(trial.deployment_id, trial.sha256)  # an image that cost a start is not retried
             self._remember(
                 UpdateResult(
                     deployment_id=trial.deployment_id,
