@@ -90,6 +90,8 @@ logger = logging.getLogger(__name__)
 STATUS_METHOD = "fleetward.status"
 AGENT_METHODS = frozenset({STATUS_METHOD, CHECK_METHOD})
 REQUEST_TIMEOUT_SECONDS = 10.0
+#: how long an updated application may take to start before its trial counts as failed
+TRIAL_START_SECONDS = 60.0
 JSON_PROPERTIES = (("$.ct", "application/json"), ("$.ce", "utf-8"))
 #: the property that marks the agent's own health telemetry
 HEALTH_PROPERTY = ("fleetward-agent", "health")
@@ -599,10 +601,13 @@ class Agent:
         self._status_changed.set()
 
     async def trial(self, component_id: str, seconds: float) -> str | None:
-        """``None`` if the application runs for ``seconds`` without a crash, else what happened."""
+        """``None`` if the application, once started, runs for ``seconds`` without a crash; else what
+        happened. The trial's time counts from the start (a loaded device may take a while to get there,
+        up to :data:`TRIAL_START_SECONDS`)."""
         handle = self.app(component_id)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
+        deadline: float | None = None
+        give_up = loop.time() + TRIAL_START_SECONDS
         restarts = handle.restart_count
         while True:
             if handle.state in (AppState.CRASH_LOOP, AppState.STOPPED, AppState.STORAGE_QUOTA_EXCEEDED):
@@ -613,9 +618,15 @@ class Agent:
                 return f"the application crashed during its trial: {last_line(handle.error_tail())}"[
                     :MAX_REASON_CHARS
                 ]
-            if loop.time() >= deadline:
-                return None if handle.state is AppState.RUNNING else f"it is still {handle.state.value}"
-            await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+            now = loop.time()
+            if deadline is None:
+                if handle.state is AppState.RUNNING:
+                    deadline = now + seconds
+                elif now >= give_up:
+                    return f"the application did not start within {TRIAL_START_SECONDS:g} s"
+            elif now >= deadline:
+                return None
+            await asyncio.sleep(0.05 if deadline is None else min(0.05, max(0.0, deadline - now)))
 
     def deferred_until(self, component_id: str) -> dt.datetime | None:
         return self._deferrals.deferred_until(component_id)
