@@ -20,6 +20,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from securesystemslib.signer import CryptoSigner, Signer
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 from tuf.api.metadata import Root, TargetFile
 from typer.testing import CliRunner
 
@@ -49,6 +51,7 @@ from fleetward.updates.rollout import RolloutPlan, WaveSpec
 from fleetward.wire.identity import device_id_for, public_key_der
 from fleetward.wire.updates import (
     DIRECTOR_FIELD,
+    CheckRefusal,
     ImageKind,
     InstalledComponent,
     TargetCustom,
@@ -273,6 +276,7 @@ def test_the_next_wave_opens_only_after_the_success_threshold_and_is_nudged(flee
     fleet.deployments.tick()
     assert on(fleet, created.id) == first, "4 of 5 is below 90%: the next wave waits"
 
+    fleet.clock.advance(1)  # past rollout_judge_interval_milliseconds since the last judge
     fleet.report(sorted(first)[4], created.id, image, UpdateState.INSTALLED)  # judged again on report
     assert on(fleet, created.id) == set(ids)
     nudger = FakeNudger()
@@ -305,6 +309,11 @@ def test_failures_abort_and_the_devices_reached_get_the_previous_deployment_agai
     bad = sorted(reached)[:2]
     for device_id in bad:
         fleet.report(device_id, created.id, new, UpdateState.ROLLED_BACK, runs=old)
+    assert fleet.deployments.get(fleet.admin, fleet.tenant_id, created.id).state is (
+        DeploymentState.ROLLING_OUT
+    ), "the second report came within the judge interval of the first"
+    fleet.clock.advance(1)
+    fleet.deployments.judge_reported()
 
     aborted = fleet.deployments.get(fleet.admin, fleet.tenant_id, created.id)
     assert aborted.state is DeploymentState.ABORTED
@@ -375,6 +384,134 @@ def test_crash_loops_count_as_unhealthy(fleet: Fleet) -> None:
     fleet.crash(reached[1], "launch_refused")
     assert fleet.deployments.tick().aborted == (created.id,)
     assert "unhealthy" in fleet.deployments.get(fleet.admin, fleet.tenant_id, created.id).reason
+
+
+def refusing(
+    fleet: Fleet, device_id: str, code: str | None, *, runs: Image | None = None, ago: float = 0
+) -> None:
+    """The device reports after a check that refused what it was given ``ago`` seconds ago (``code``), or
+    after one that refused nothing (``None``)."""
+    now = fleet.clock.now()
+    refusal = (
+        None
+        if code is None
+        else CheckRefusal(code=code, message=f"refused: {code}", at=now - dt.timedelta(seconds=ago))
+    )
+    components = (
+        ()
+        if runs is None
+        else (InstalledComponent(component_id=runs.component_id, version=runs.version, sha256=runs.sha256),)
+    )
+    report = VersionReport(
+        assignment_version=fleet.row(device_id)[1], components=components, refusal=refusal, sent_at=now
+    )
+    fleet.deployments.record_report(fleet.device(device_id), report)
+
+
+def test_devices_refusing_what_they_are_given_fail_and_abort_the_rollout(fleet: Fleet) -> None:
+    """A release whose metadata devices refuse aborts by the failure threshold instead of holding."""
+    ids = fleet.claim("Field Test", 10)
+    image = fleet.images.add(fleet.tenant_id, fleet.product_id, "panel", "1.0.0")
+    created = fleet.deployments.create(
+        fleet.admin, fleet.tenant_id, fleet.groups["Field Test"].id, [image.id], waves("all")
+    )
+    first, second, third, late = sorted(ids)[:4]
+
+    refusing(fleet, first, "version_below_floor")
+    status = fleet.deployments.device_status(fleet.admin, fleet.tenant_id, first)
+    assert (status.state, status.code) == ("failed", "version_below_floor")
+    assert "refused: version_below_floor" in status.message
+    # a later check that refuses nothing: the state follows the results again
+    fleet.clock.advance(1)
+    refusing(fleet, first, None)
+    status = fleet.deployments.device_status(fleet.admin, fleet.tenant_id, first)
+    assert (status.state, status.code, status.message) == ("assigned", None, "")
+    refusing(fleet, first, None, runs=image)
+    assert fleet.row(first)[2] == "installed"
+    # a refusal older than the assignment was of what the device was given before it
+    refusing(fleet, late, "metadata_expired", ago=3600)
+    assert fleet.row(late)[2] == "assigned"
+
+    refusing(fleet, second, "metadata_signature_invalid")
+    fleet.clock.advance(1)
+    assert (
+        fleet.deployments.get(fleet.admin, fleet.tenant_id, created.id).state is DeploymentState.ROLLING_OUT
+    )
+    refusing(fleet, third, "metadata_signature_invalid")
+    aborted = fleet.deployments.get(fleet.admin, fleet.tenant_id, created.id)
+    assert aborted.state is DeploymentState.ABORTED, "2 of 10 failed: the failure threshold"
+    assert "2 failed" in aborted.reason
+    status = fleet.deployments.device_status(fleet.admin, fleet.tenant_id, third)
+    assert status.code == "rollout_aborted"
+    assert "metadata_signature_invalid" in status.message
+
+
+def test_a_refusal_of_a_deployment_not_rolling_out_changes_nothing(fleet: Fleet) -> None:
+    [device_id] = fleet.claim("Field Test", 1)
+    image = fleet.images.add(fleet.tenant_id, fleet.product_id, "panel", "1.0.0")
+    completed(fleet, "Field Test", image)
+    refusing(fleet, device_id, "metadata_expired")
+    assert fleet.row(device_id)[2] == "installed"
+
+
+def test_a_burst_of_reports_judges_the_rollout_once_and_the_rest_after_the_interval(
+    fleet: Fleet, limits: Limits
+) -> None:
+    ids = fleet.claim("Field Test", 40)
+    image = fleet.images.add(fleet.tenant_id, fleet.product_id, "panel", "1.0.0")
+    created = fleet.deployments.create(
+        fleet.admin, fleet.tenant_id, fleet.groups["Field Test"].id, [image.id], waves("10", "all")
+    )
+    first = sorted(on(fleet, created.id))
+    before = fleet.deployments.judgements
+    for device_id in first:  # every report within one interval
+        fleet.report(device_id, created.id, image, UpdateState.INSTALLED)
+    assert fleet.deployments.judgements == before + 1
+    assert fleet.deployments.get(fleet.admin, fleet.tenant_id, created.id).waves_opened == 1
+
+    fleet.clock.advance(limits.rollout_judge_interval_milliseconds / 1000 / 2)
+    fleet.deployments.judge_reported()
+    assert fleet.deployments.judgements == before + 1, "the interval is not over yet"
+    fleet.clock.advance(limits.rollout_judge_interval_milliseconds / 1000 / 2)
+    outcome = fleet.deployments.judge_reported()
+    assert fleet.deployments.judgements == before + 2
+    assert [wave.wave for wave in outcome.opened] == [1], "the reports held back open the next wave"
+    assert len(on(fleet, created.id)) == len(ids)
+    fleet.clock.advance(1)
+    fleet.deployments.judge_reported()
+    assert fleet.deployments.judgements == before + 2, "nothing was reported since"
+
+
+def test_assigning_devices_reads_and_writes_only_the_tenants_update_rows(fleet: Fleet) -> None:
+    fleet.claim("Field Test", 3)
+    image = fleet.images.add(fleet.tenant_id, fleet.product_id, "panel", "1.0.0")
+    current = completed(fleet, "Field Test", image)
+    statements: list[str] = []
+
+    def seen(
+        _connection: object,
+        _cursor: object,
+        statement: str,
+        _parameters: object,
+        _context: object,
+        _many: bool,
+    ) -> None:
+        statements.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", seen)
+    try:
+        fleet.deployments.create(fleet.admin, fleet.tenant_id, fleet.groups["Field Test"].id, [image.id])
+    finally:
+        event.remove(Engine, "before_cursor_execute", seen)
+    on_rows = [
+        statement
+        for statement in statements
+        if "device_updates" in statement and not statement.lstrip().upper().startswith("INSERT")
+    ]
+    assert on_rows
+    for statement in on_rows:
+        assert "device_updates.tenant_id" in statement or "tenant_id =" in statement, statement
+    assert on(fleet, current) == set()
 
 
 # --------------------------------------------------------------------------- members, policies, roles
@@ -734,7 +871,7 @@ def installed(image: image_schemas.ImagePublic, deployment_id: str, state: Updat
 
 
 def test_devices_fetch_signed_assignments_and_report_through_the_api_as_waves_open(
-    server: BackgroundServer, tenant: TenantSetup, services: Services
+    server: BackgroundServer, tenant: TenantSetup, services: Services, clock: FakeClock
 ) -> None:
     repo = RealRepo(server, tenant, services)
     image = repo.add("1.0.0")
@@ -775,6 +912,7 @@ def test_devices_fetch_signed_assignments_and_report_through_the_api_as_waves_op
         assert shown["waves_opened"] == 2, "the report opened the next wave at once"
         assert shown["waves"][0]["installed"] == 1
         assert http.get("/updates/v1/assignment", headers=token(follower)).status_code == 200
+        clock.advance(1)  # past the judge interval: this report is judged at once too
         http.post(
             "/updates/v1/report",
             json=installed(image, deployment["id"], UpdateState.INSTALLED),
@@ -868,9 +1006,26 @@ def test_the_cli_creates_watches_aborts_and_reverts_deployments(
         "1,all",
         "--window",
         "01:00-04:00",
+        "--soak",
+        "600",
+        "--crash-factor",
+        "3.5",
+        "--min-crashes",
+        "7",
+        "--max-unhealthy",
+        "0.1",
     )
     second = json.loads(created)
     assert second["window"] == {"start": "01:00", "end": "04:00"}
+    plan = second["plan"]
+    assert (plan["crash_rate_factor"], plan["min_crash_reports"], plan["max_unhealthy_fraction"]) == (
+        3.5,
+        7,
+        0.1,
+    )
+    shown = " ".join(run("deployment", "show", second["id"]).replace("│", " ").split())
+    for text in ("soak 600 s", "3.5× the group's rate", "from 7 crash report(s)", "unhealthy abort at 10%"):
+        assert text in shown, text
     run(
         "deployment", "create", group, "--image", new.id, "--waves", "ten", code=1
     )  # refused before the request

@@ -99,12 +99,20 @@ class Repo:
         self.publisher = ec.generate_private_key(ec.SECP256R1())
 
     def propose(
-        self, keys: list[ec.EllipticCurvePrivateKey], threshold: int, rotate_online: bool = False
+        self,
+        keys: list[ec.EllipticCurvePrivateKey],
+        threshold: int,
+        rotate_online: bool = False,
+        *,
+        rotation: bool = False,
     ) -> bytes:
         return self.client.post_bytes(
             f"{self.base}/repository/root-proposal",
             image_schemas.RootProposalCreate(
-                root_keys=[pem(key) for key in keys], threshold=threshold, rotate_online=rotate_online
+                root_keys=[pem(key) for key in keys],
+                threshold=threshold,
+                rotation=rotation,
+                rotate_online=rotate_online,
             ),
         )
 
@@ -249,7 +257,7 @@ def test_a_root_needs_its_threshold_and_a_rotation_the_old_one_too(repo: Repo, t
     device = repo.enroll(SimulatedDevice("panel-001", healthy_software()))
 
     new_keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(2)]
-    rotation = repo.propose(new_keys, 2, rotate_online=True)
+    rotation = repo.propose(new_keys, 2, rotate_online=True, rotation=True)
     assert Metadata[Root].from_bytes(rotation).signed.version == 2
     only_new = sign_root(rotation, [CryptoSigner(k) for k in new_keys])
     with pytest.raises(FleetwardError) as refused_rotation:
@@ -280,6 +288,22 @@ def test_a_root_needs_its_threshold_and_a_rotation_the_old_one_too(repo: Repo, t
         updater.refresh()
         assert updater.get_targetinfo(target_path(repo.tenant.product.id, COMPONENT, "1.0.0")) is not None
     assert repo.services.images.root(repo.tenant.id).version == 2
+
+
+def test_a_first_root_is_refused_once_there_is_a_root_and_a_rotation_while_there_is_none(repo: Repo) -> None:
+    with pytest.raises(FleetwardError) as early:
+        repo.propose(repo.root_keys, 2, rotation=True)
+    assert early.value.code == "repository_not_initialized"
+    repo.init()
+    # a second "first" root naming only one of the keys, which that key alone would meet: refused, so that
+    # `repo init` cannot replace the root behind the operator's back
+    with pytest.raises(FleetwardError) as again:
+        repo.propose(repo.root_keys[:1], 1)
+    assert again.value.code == "repository_initialized"
+    assert "rotate-root" in again.value.message
+    root = repo.services.images.root(repo.tenant.id)
+    assert (root.version, len(root.roles[Root.type].keyids)) == (1, 3)
+    assert Metadata[Root].from_bytes(repo.propose(repo.root_keys, 2, rotation=True)).signed.version == 2
 
 
 def test_the_timestamp_is_signed_again_on_read_when_half_its_life_is_gone(
@@ -411,6 +435,33 @@ def test_another_tenants_device_cannot_read_this_tenants_repository(
         )
 
 
+def test_a_token_without_the_key_learns_nothing_of_a_serial(repo: Repo) -> None:
+    """The signature is checked before the certificate's standing: an unknown serial and a revoked one
+    answer a forged token as a bad signature does; only the key's holder hears that it is revoked."""
+    repo.init()
+    device = repo.enroll(SimulatedDevice("panel-001", healthy_software()))
+    assert device.credential is not None
+    serial = device.credential.issued.serial
+    stranger = ec.generate_private_key(ec.SECP256R1())
+    path = "/updates/v1/metadata/1.root.json"
+    with httpx.Client(base_url=repo.server.url) as http:
+
+        def code(header: str) -> tuple[int, str]:
+            response = http.get(path, headers={"Authorization": header})
+            return response.status_code, error_code(response)
+
+        now = int(time.time())
+        unknown = "f" * len(serial) if serial != "f" * len(serial) else "e" * len(serial)
+        assert code(device_token(stranger, unknown, now)) == (401, "token_invalid")
+        assert code(device_token(stranger, serial, now)) == (401, "token_invalid")
+        repo.client.request_json("POST", f"{repo.base}/devices/{device.device_id}/revoke", {})
+        assert code(device_token(stranger, serial, now)) == (401, "token_invalid")
+        assert code(device_token(device.credential.key, serial, now))[1] in {
+            "certificate_revoked",
+            "device_not_active",
+        }
+
+
 def test_the_cli_creates_keys_inits_the_repository_and_adds_an_image(
     repo: Repo, server: BackgroundServer, admin_token: str, tmp_path: Path
 ) -> None:
@@ -434,6 +485,12 @@ def test_the_cli_creates_keys_inits_the_repository_and_adds_an_image(
     status = json.loads(run("--json", "repo", "status"))
     assert status["root_version"] == 1
     assert status["root_threshold"] == 2
+    again = CliRunner().invoke(
+        app, [*base, "repo", "init", "--root-key", str(keys[2]), "--threshold", "1"], env=env
+    )
+    assert again.exit_code == 1
+    assert "already initialised: use `fleetward repo rotate-root`" in " ".join(again.output.split())
+    assert json.loads(run("--json", "repo", "status"))["root_keyids"] == status["root_keyids"]
     run(
         "repo",
         "rotate-root",
@@ -477,3 +534,5 @@ def test_the_cli_creates_keys_inits_the_repository_and_adds_an_image(
     assert shown["component_id"] == COMPONENT
     for group in (["repo"], ["image"], ["repo", "init"], ["image", "add"]):
         assert CliRunner().invoke(app, [*group, "--help"], env=env).exit_code == 0
+    helped = CliRunner().invoke(app, ["image", "add", "--help"], env=env, terminal_width=200).output
+    assert "from each of the latest earlier versions" in " ".join(helped.replace("│", " ").split())

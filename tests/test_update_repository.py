@@ -12,7 +12,16 @@ from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 from fleetward.errors import InvalidInput, UpdateRefused
 from fleetward.updates import repository
 from fleetward.updates.repository import ExpiryPolicy, OnlineKeys
-from fleetward.wire.updates import FLOORS_FIELD, ImageKind, TargetCustom, custom_of, director_role
+from fleetward.wire.updates import (
+    FLOORS_FIELD,
+    ImageKind,
+    TargetCustom,
+    custom_of,
+    delta_path,
+    director_role,
+    product_paths,
+    target_path,
+)
 
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
 POLICY = ExpiryPolicy()
@@ -156,6 +165,20 @@ def test_targets_delegate_one_terminating_role_per_product_and_products_sign_the
     assert parsed.signed.unrecognized_fields[FLOORS_FIELD] == {"c": "1.0"}
     with pytest.raises(ValueError, match="outside"):
         repository.build_product_role("p2", 1, NOW, [target], {})
+
+
+def test_the_delegation_is_the_wire_formats_one_product_pattern_covering_images_and_deltas() -> None:
+    """One definition of a product's paths (``wire.updates.product_paths``), used by the repository."""
+    assert repository.product_paths is product_paths  # type: ignore[attr-defined]
+    targets = repository.build_targets(1, NOW, {"p1": signer().public_key}).signed
+    assert targets.delegations is not None
+    assert targets.delegations.roles is not None
+    role = targets.delegations.roles["product-p1"]
+    assert role.paths == product_paths("p1")
+    component = "11111111-2222-3333-4444-555555555555"
+    assert role.is_delegated_path(target_path("p1", component, "1.2"))
+    assert role.is_delegated_path(delta_path("p1", component, "1.2", "ab" * 32))
+    assert not role.is_delegated_path(target_path("p2", component, "1.2"))
 
 
 def test_snapshot_lists_targets_and_products_and_timestamp_the_snapshot() -> None:

@@ -81,6 +81,9 @@ class Limits:
     assignment_ttl_seconds: int = 24 * 3600
     #: how often each server process judges the rollouts in progress
     rollout_tick_milliseconds: int = 2000
+    #: a device's report judges its rollout again at most this often per rollout and process (a judge
+    #: reads every device the rollout reached); reports in between are judged together at the end of it
+    rollout_judge_interval_milliseconds: int = 250
     #: how far back the crash rate before a rollout is measured
     rollout_crash_baseline_seconds: int = 7 * 24 * 3600
     #: "check now" when a wave opens: devices asked at once, and how long each may take to answer

@@ -126,7 +126,12 @@ def create_app(services: Services | None, *, limits: Limits | None = None) -> Fa
                 purger = asyncio.create_task(_purge_nonces(services))
                 app.state.nudger = RouterNudger(app.state.router, limits.check_now_timeout_seconds)
                 rollouts = asyncio.create_task(
-                    run_ticks(services.deployments, app.state.nudger, limits.rollout_tick_milliseconds / 1000)
+                    run_ticks(
+                        services.deployments,
+                        app.state.nudger,
+                        limits.rollout_tick_milliseconds / 1000,
+                        limits.rollout_judge_interval_milliseconds / 1000,
+                    )
                 )
                 try:
                     yield

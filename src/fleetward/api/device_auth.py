@@ -1,11 +1,12 @@
 """Who sends an update request: the device behind ``Authorization: FleetwardDevice serial=…,t=…,sig=…``.
 
 The device's operational key signs its certificate's serial and the time (``wire.updates.device_token``).
-The token is checked against the certificate fleetward issued for that serial: the certificate must be
-neither revoked nor expired and its device active or quarantined (an update is how a quarantined device
-is remediated), so a revoked device stops updating at once, and the
-tenant of the request is the tenant of the certificate (one tenant's device cannot read another's
-repository).
+The token is checked against the certificate fleetward issued for that serial: first its time and its
+signature with the certificate's key (a serial no certificate has is refused as a bad signature is, so
+that a request without the key learns nothing of a serial), then the certificate's standing: neither
+revoked nor expired, its device active or quarantined (an update is how a quarantined device is
+remediated). A revoked device stops updating at once, and the tenant of the request is the tenant of the
+certificate (one tenant's device cannot read another's repository).
 
 A device reuses one token for the few requests of one check, so a verified signature is remembered in a
 small bounded LRU; the certificate's standing is read from the store on every request all the same.
@@ -59,6 +60,8 @@ class DeviceAuthenticator:
         self._cache_size = cache_size
         self._verified: OrderedDict[tuple[str, int, bytes], None] = OrderedDict()
         self._lock = threading.Lock()
+        #: what a token for a serial no certificate has is verified against
+        self._decoy = ec.generate_private_key(ec.SECP256R1()).public_key()
 
     def authenticate(self, header: str | None) -> UpdateDevice:
         """The device behind an ``Authorization`` header; ``Unauthenticated`` (401) otherwise."""
@@ -66,6 +69,9 @@ class DeviceAuthenticator:
             raise Unauthenticated("an update request needs a FleetwardDevice token", code="token_missing")
         token = DeviceToken.parse(header)
         now = self._clock.now()
+        seconds = int(now.timestamp())
+        if abs(seconds - token.issued_at) > self._max_age:
+            raise Unauthenticated("the device token is too old or from the future", code="token_expired")
         with self._db.read() as connection:
             row = connection.execute(
                 sa.select(
@@ -83,8 +89,19 @@ class DeviceAuthenticator:
                 .join(devices, devices.c.id == certificates.c.device_id)
                 .where(certificates.c.serial == token.serial)
             ).first()
+        # the signature first: only the holder of the certificate's key learns its standing, and an
+        # unknown serial is refused exactly as a bad signature is
         if row is None:
-            raise Unauthenticated("no certificate has this serial", code="certificate_unknown")
+            # verified all the same (against a key nobody holds), so that the time taken does not tell
+            token.verify(self._decoy, seconds, self._max_age)
+            raise _invalid()
+        key = (token.serial, token.issued_at, token.signature)
+        if not self._remembered(key):
+            public_key = x509.load_der_x509_certificate(bytes(row.der)).public_key()
+            if not isinstance(public_key, ec.EllipticCurvePublicKey):
+                raise _invalid()
+            token.verify(public_key, seconds, self._max_age)
+            self._remember(key)
         if row.revoked_at is not None:
             raise Unauthenticated("the device's certificate is revoked", code="certificate_revoked")
         if not row.not_before <= now < row.not_after:
@@ -92,16 +109,6 @@ class DeviceAuthenticator:
         # a quarantined device may still update: an update is how it is remediated
         if row.status not in _MAY_UPDATE or row.device_tenant_id != row.tenant_id:
             raise Unauthenticated(f"the device is {row.status}, not active", code="device_not_active")
-        key = (token.serial, token.issued_at, token.signature)
-        seconds = int(now.timestamp())
-        if abs(seconds - token.issued_at) > self._max_age:
-            raise Unauthenticated("the device token is too old or from the future", code="token_expired")
-        if not self._remembered(key):
-            public_key = x509.load_der_x509_certificate(bytes(row.der)).public_key()
-            if not isinstance(public_key, ec.EllipticCurvePublicKey):
-                raise Unauthenticated("the device's certificate holds no EC key", code="token_invalid")
-            token.verify(public_key, seconds, self._max_age)
-            self._remember(key)
         return UpdateDevice(
             tenant_id=row.tenant_id,
             device_id=row.device_id,
@@ -122,6 +129,11 @@ class DeviceAuthenticator:
             self._verified[key] = None
             while len(self._verified) > self._cache_size:
                 self._verified.popitem(last=False)
+
+
+def _invalid() -> Unauthenticated:
+    """What a token whose signature does not verify gets, whether or not a certificate has its serial."""
+    return Unauthenticated("the device token's signature is not valid", code="token_invalid")
 
 
 def authenticated_device(request: Request) -> UpdateDevice:

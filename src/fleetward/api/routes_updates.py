@@ -140,9 +140,12 @@ def _root_key(pem: str) -> Key:
 def propose_root(
     tenant_id: str, body: schemas.RootProposalCreate, principal: PrincipalDep, service: ImagesDep
 ) -> Response:
-    """The root the server proposes for these offline keys: sign it with them and PUT it back."""
+    """The root the server proposes for these offline keys: sign it with them and PUT it back. The first
+    root (``rotation`` false) is refused once the repository has one; a rotation, while it has none."""
     keys = [_root_key(pem) for pem in body.root_keys]
-    proposal = service.propose_root(principal, tenant_id, keys, body.threshold, body.rotate_online)
+    proposal = service.propose_root(
+        principal, tenant_id, keys, body.threshold, body.rotate_online, rotation=body.rotation
+    )
     return Response(proposal, media_type=TUF_JSON)
 
 

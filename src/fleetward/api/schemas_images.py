@@ -21,6 +21,11 @@ class RootProposalCreate(Strict):
         min_length=1, max_length=16, description="the offline root keys' public halves, PEM (ECDSA P-256)"
     )
     threshold: int = Field(ge=1, le=16, description="how many of the root keys must sign each root")
+    rotation: bool = Field(
+        default=False,
+        description="a rotation of the current root (refused when there is none); false: the first root "
+        "(refused once the repository has one: `repository_initialized`)",
+    )
     rotate_online: bool = Field(default=False, description="new online keys (targets, snapshot, …)")
 
 

@@ -79,6 +79,13 @@ def _summary(deployment: DeploymentPublic) -> Table:
             f"success {plan.success_threshold:.0%}, failures under "
             f"{plan.max_failure_fraction:.0%}, silent after {plan.report_timeout_seconds} s",
         ),
+        ("soak", f"{plan.soak_seconds} s after a wave's last install"),
+        (
+            "crashes",
+            f"abort above {plan.crash_rate_factor:g}× the group's rate before, "
+            f"from {plan.min_crash_reports} crash report(s)",
+        ),
+        ("unhealthy", f"abort at {plan.max_unhealthy_fraction:.0%} of the devices reached"),
         ("window", f"{window['start']}-{window['end']} UTC" if window else "any time"),
         ("reason", deployment.reason or "—"),
         ("created", f"{deployment.created_at:%Y-%m-%d %H:%M:%S} by {deployment.created_by}"),
@@ -133,6 +140,29 @@ def create(
     soak: Annotated[
         int, typer.Option(min=0, help="Seconds a wave must stay healthy after succeeding before the next.")
     ] = 0,
+    crash_factor: Annotated[
+        float,
+        typer.Option(
+            "--crash-factor",
+            min=1,
+            max=1000,
+            help="Abort when the devices reached crash this many times more often (per device-hour) than "
+            "the group did before the rollout …",
+        ),
+    ] = 2.0,
+    min_crashes: Annotated[
+        int,
+        typer.Option("--min-crashes", min=1, help="… and reported at least this many crashes."),
+    ] = 3,
+    max_unhealthy: Annotated[
+        float,
+        typer.Option(
+            "--max-unhealthy",
+            min=0,
+            max=1,
+            help="Abort when this fraction of the devices reached reported a crash loop or a refused launch.",
+        ),
+    ] = 0.2,
     window: Annotated[
         str | None, typer.Option(help="Daily maintenance window in UTC, HH:MM-HH:MM (e.g. 01:00-04:00).")
     ] = None,
@@ -145,6 +175,9 @@ def create(
         success_threshold=success,
         max_failure_fraction=max_failures,
         report_timeout_seconds=report_timeout,
+        crash_rate_factor=crash_factor,
+        min_crash_reports=min_crashes,
+        max_unhealthy_fraction=max_unhealthy,
         soak_seconds=soak,
         window=_window(window),
     )

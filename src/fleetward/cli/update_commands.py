@@ -136,18 +136,31 @@ def _propose_sign_upload(
     signing_keys: list[ec.EllipticCurvePrivateKey],
     threshold: int,
     rotate_online: bool,
+    *,
+    rotation: bool,
 ) -> None:
     state, client, tenant_id = in_tenant(context, tenant)
     base = f"/v1/tenants/{tenant_id}/repository"
     with client:
-        proposal = client.post_bytes(
-            f"{base}/root-proposal",
-            image_schemas.RootProposalCreate(
-                root_keys=list(dict.fromkeys(root_public_keys)),
-                threshold=threshold,
-                rotate_online=rotate_online,
-            ),
-        )
+        initialized = client.get(base, image_schemas.RepositoryStatusPublic).initialized
+        if initialized and not rotation:
+            fail(ALREADY_INITIALIZED)
+        if not initialized and rotation:
+            fail(NOT_INITIALIZED)
+        try:
+            proposal = client.post_bytes(
+                f"{base}/root-proposal",
+                image_schemas.RootProposalCreate(
+                    root_keys=list(dict.fromkeys(root_public_keys)),
+                    threshold=threshold,
+                    rotation=rotation,
+                    rotate_online=rotate_online,
+                ),
+            )
+        except FleetwardError as error:  # another operator got there between the status and the proposal
+            if error.code == "repository_initialized":
+                fail(ALREADY_INITIALIZED)
+            raise
         try:
             signed = sign_root(proposal, [CryptoSigner(key) for key in signing_keys])
         except FleetwardError as error:
@@ -162,6 +175,11 @@ def _propose_sign_upload(
         "offline key(s) must sign the next one."
     )
 
+
+ALREADY_INITIALIZED = (
+    "the image repository is already initialised: use `fleetward repo rotate-root` to change its root"
+)
+NOT_INITIALIZED = "the image repository has no root yet: run `fleetward repo init`"
 
 RootKeys = Annotated[
     list[Path], typer.Option("--root-key", help="An offline root key file (repeat for each key you hold).")
@@ -182,10 +200,11 @@ def repo_init(
     tenant: TenantOption = None,
 ) -> None:
     """Create the image repository: the server proposes a root naming its online keys, the key files sign
-    it here (at least THRESHOLD of them), and the signed root is uploaded."""
+    it here (at least THRESHOLD of them), and the signed root is uploaded. Refused once the repository
+    has a root: `repo rotate-root` changes it."""
     keys = [load_private_key(path, passphrase_env) for path in root_key]
     publics = [_public_pem(key) for key in keys] + [load_public_key_pem(p) for p in root_public_key or []]
-    _propose_sign_upload(context, tenant, publics, keys, threshold, rotate_online=False)
+    _propose_sign_upload(context, tenant, publics, keys, threshold, rotate_online=False, rotation=False)
 
 
 @repo_app.command("rotate-root")
@@ -213,7 +232,7 @@ def repo_rotate_root(
     old = [load_private_key(path, passphrase_env) for path in root_key]
     new = [load_private_key(path, passphrase_env) for path in new_root_key]
     publics = [_public_pem(key) for key in new] + [load_public_key_pem(p) for p in new_root_public_key or []]
-    _propose_sign_upload(context, tenant, publics, [*old, *new], threshold, rotate_online)
+    _propose_sign_upload(context, tenant, publics, [*old, *new], threshold, rotate_online, rotation=True)
 
 
 @repo_app.command("root")
@@ -289,7 +308,8 @@ def image_add(
     tenant: TenantOption = None,
 ) -> None:
     """Publish an image: sign the package with the publisher key and add it to the image repository (its
-    reference value is registered, and a delta from the previous version is published)."""
+    reference value is registered, and a delta is published from each of the latest earlier versions of
+    the component, the server's image_delta_bases (3 by default), where it is smaller than the image)."""
     data = _package_directory(package) if package.is_dir() else _read_package(package)
     signature = sign_package(load_private_key(publisher_key, passphrase_env), data)
     state, client, tenant_id = in_tenant(context, tenant)

@@ -53,7 +53,8 @@ class UpdateOperator:
 
     def init_repository(self, root_file: Path) -> int:
         """The first root: the server proposes it (with its online keys), ``threshold`` offline keys sign
-        it here, the server accepts it. ``root_file`` is what devices are provisioned with."""
+        it here, the server accepts it. ``root_file`` is what devices are provisioned with. The server
+        refuses a first root once the repository has one (``repository_initialized``)."""
         public = [
             key.public_key()
             .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -62,7 +63,7 @@ class UpdateOperator:
         ]
         proposal = self.client.post_bytes(
             self._api("/repository/root-proposal"),
-            RootProposalCreate(root_keys=public, threshold=self.threshold),
+            RootProposalCreate(root_keys=public, threshold=self.threshold, rotation=False),
         )
         signed = sign_root(proposal, [CryptoSigner(key) for key in self.root_keys[: self.threshold]])
         accepted = RootAccepted.model_validate_json(

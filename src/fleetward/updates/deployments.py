@@ -55,6 +55,7 @@ from fleetward.updates.models import Image
 from fleetward.wire.updates import (
     MAX_ASSIGNMENT_BYTES,
     MAX_COMPONENTS,
+    CheckRefusal,
     MaintenanceWindow,
     UpdateState,
     VersionReport,
@@ -72,6 +73,8 @@ ASSIGNMENT_CACHE = 4096
 UNASSIGNED = "unassigned"
 #: the longest message kept for a device's update state
 MAX_MESSAGE_CHARS = 2048
+#: how the message of a device whose last check refused what it was given starts
+REFUSED = "the device refused its last check: "
 
 
 class ImageSource(Protocol):
@@ -251,6 +254,13 @@ class DeploymentService:
         self._signed: collections.OrderedDict[tuple[object, ...], tuple[bytes, dt.datetime]] = (
             collections.OrderedDict()
         )
+        # reports judge a rollout at most once per interval: when each was last judged, and those reported
+        # on since (judged by :meth:`judge_reported` once their interval is over, or by the tick)
+        self._judge_interval = dt.timedelta(milliseconds=limits.rollout_judge_interval_milliseconds)
+        self._judged_at: dict[tuple[str, str], dt.datetime] = {}
+        self._reported: set[tuple[str, str]] = set()
+        #: how many times this process judged a rollout (each reads every device the rollout reached)
+        self.judgements = 0
 
     # ---------------------------------------------------------------- operators
 
@@ -559,6 +569,14 @@ class DeploymentService:
             if tenant_id is not None:
                 statement = statement.where(deployments.c.tenant_id == tenant_id)
             live = connection.execute(statement.order_by(deployments.c.created_at)).all()
+        with self._lock:
+            for item in live:
+                self._judged_at[(item.tenant_id, item.id)] = now
+                self._reported.discard((item.tenant_id, item.id))
+            if tenant_id is None:  # forget the rollouts that ended
+                known = {(item.tenant_id, item.id) for item in live}
+                self._judged_at = {key: at for key, at in self._judged_at.items() if key in known}
+                self._reported &= known
         opened: list[OpenedWave] = []
         completed: list[str] = []
         aborted: list[str] = []
@@ -580,6 +598,8 @@ class DeploymentService:
     def _judge(self, tenant_id: str, deployment_id: str, now: dt.datetime) -> TickOutcome:
         """One rollout: judge it (reading), then, unless it holds, judge it again and act in one write
         transaction guarded by a compare-and-set."""
+        with self._lock:
+            self.judgements += 1
         with self._db.read() as connection:
             row = self._row(connection, tenant_id, deployment_id)
             if row.state != DeploymentState.ROLLING_OUT.value:
@@ -811,7 +831,9 @@ class DeploymentService:
             existing = {
                 r.device_id
                 for r in connection.execute(
-                    sa.select(device_updates.c.device_id).where(device_updates.c.device_id.in_(chunk))
+                    sa.select(device_updates.c.device_id).where(
+                        device_updates.c.tenant_id == tenant_id, device_updates.c.device_id.in_(chunk)
+                    )
                 )
             }
             if existing:
@@ -990,7 +1012,12 @@ class DeploymentService:
             self._queue(waves)
 
     def record_report(self, device: UpdatingDevice, report: VersionReport) -> TickOutcome:
-        """Keep what the device says about its assignment, and judge its rollout again."""
+        """Keep what the device says about its assignment, and judge its rollout again: at once if it was
+        not judged within ``rollout_judge_interval_milliseconds``, else by :meth:`judge_reported` once
+        that interval is over (or by the tick), so that a burst of reports costs one judge.
+
+        A device whose last check refused what it was given (``report.refusal``) has ``failed`` the
+        rollout it is in; its next report without a refusal sets its state from its results again."""
         now = self._clock.now()
         with self._db.write() as connection:
             row = connection.execute(
@@ -1027,7 +1054,21 @@ class DeploymentService:
                 wanted = core.assignable(
                     [self._images.image(device.tenant_id, i) for i in json.loads(deployment.image_ids)], group
                 )
-                values.update(_device_state(report, deployment_id, wanted, _state_of(row.state)))
+                refusal = report.refusal if rolling else None
+                assigned_at: dt.datetime | None = row.assigned_at
+                if (
+                    refusal is not None
+                    and assigned_at is not None
+                    and refusal.at < assigned_at - self._refusal_skew
+                ):
+                    refusal = None  # a refusal of what the device was given before this assignment
+                values.update(_device_state(report, deployment_id, wanted, _state_of(row.state), refusal))
+                refused_before = row.state == core.DeviceState.FAILED.value and row.message.startswith(
+                    REFUSED
+                )
+                if refused_before and refusal is None and "code" not in values:
+                    # it refuses no longer, and its results tell nothing yet
+                    values.update(state=core.DeviceState.ASSIGNED.value, code=None, message="")
             connection.execute(
                 device_updates.update()
                 .where(
@@ -1037,7 +1078,11 @@ class DeploymentService:
                 )
                 .values(**values)
             )
-        if not rolling or deployment_id is None:
+        if (
+            not rolling
+            or deployment_id is None
+            or not self._judge_now((device.tenant_id, deployment_id), now)
+        ):
             return TickOutcome()
         try:
             outcome = self._judge(device.tenant_id, deployment_id, now)
@@ -1045,6 +1090,47 @@ class DeploymentService:
             return TickOutcome()
         self._queue(list(outcome.opened))
         return outcome
+
+    @property
+    def _refusal_skew(self) -> dt.timedelta:
+        """How far a device's clock may be behind (its token may be this old): a refusal dated more than
+        this before the device's assignment was of what it was given before."""
+        return dt.timedelta(seconds=self._limits.device_token_max_age_seconds)
+
+    def _judge_now(self, key: tuple[str, str], now: dt.datetime) -> bool:
+        """Whether a report on rollout ``key`` judges it now; if not, it is judged once its interval ends."""
+        with self._lock:
+            last = self._judged_at.get(key)
+            if last is not None and now - last < self._judge_interval:
+                self._reported.add(key)
+                return False
+            self._judged_at[key] = now
+            self._reported.discard(key)
+            return True
+
+    def judge_reported(self) -> TickOutcome:
+        """Judge the rollouts reported on since they were last judged whose interval is over (the API's
+        background task calls it every ``rollout_judge_interval_milliseconds``)."""
+        now = self._clock.now()
+        with self._lock:
+            due = [key for key in self._reported if now - self._judged_at[key] >= self._judge_interval]
+            for key in due:
+                self._reported.discard(key)
+                self._judged_at[key] = now
+        opened: list[OpenedWave] = []
+        completed: list[str] = []
+        aborted: list[str] = []
+        for tenant_id, deployment_id in due:
+            try:
+                outcome = self._judge(tenant_id, deployment_id, now)
+            except Conflict as error:  # another process got there first
+                logger.debug("rollout %s: %s", deployment_id, error)
+                continue
+            opened += outcome.opened
+            completed += outcome.completed
+            aborted += outcome.aborted
+        self._queue(opened)
+        return TickOutcome(tuple(opened), tuple(completed), tuple(aborted))
 
     # ---------------------------------------------------------------- check now
 
@@ -1164,16 +1250,25 @@ _PRECEDENCE = (
 
 
 def _device_state(
-    report: VersionReport, deployment_id: str, wanted: Sequence[Image], before: core.DeviceState
+    report: VersionReport,
+    deployment_id: str,
+    wanted: Sequence[Image],
+    before: core.DeviceState,
+    refusal: CheckRefusal | None = None,
 ) -> dict[str, object]:
-    """The device's state for its deployment from its report: the worst state its results for this
-    deployment show (older deployments' are ignored); else installed once it runs every assigned image."""
+    """The device's state for its deployment from its report: ``failed`` with the refusal's code if its
+    last check refused what it was given; else the worst state its results for this deployment show
+    (older deployments' are ignored); else installed once it runs every assigned image."""
     running = {(item.component_id, item.sha256) for item in report.components}
     results = [result for result in report.results if result.deployment_id == deployment_id]
     values: dict[str, object] = {
         "bytes_downloaded": sum(result.bytes_downloaded for result in results),
         "bytes_saved": sum(result.bytes_saved for result in results),
     }
+    if refusal is not None:
+        message = (REFUSED + (refusal.message or refusal.code))[:MAX_MESSAGE_CHARS]
+        values.update(state=core.DeviceState.FAILED.value, code=refusal.code, message=message)
+        return values
     # what the device says of this deployment's images comes first: a device in its trial already runs
     # the new image, but it is not installed until the trial ends well
     states = {_REPORTED[result.state]: result for result in results}
@@ -1194,12 +1289,23 @@ def _device_state(
     return values
 
 
-async def run_ticks(service: DeploymentService, nudger: Nudger, every_seconds: float) -> None:
-    """The API's background task: tick, then send the nudges of the waves opened, forever."""
+async def run_ticks(
+    service: DeploymentService, nudger: Nudger, every_seconds: float, judge_seconds: float | None = None
+) -> None:
+    """The API's background task, forever: tick every ``every_seconds``; in between, every
+    ``judge_seconds``, judge the rollouts reported on since they were last judged; then send the nudges
+    of the waves opened."""
+    loop = asyncio.get_running_loop()
+    step = min(every_seconds, judge_seconds or every_seconds)
+    next_tick = loop.time()
     while True:
         try:
-            await asyncio.to_thread(service.tick)
+            if loop.time() >= next_tick:
+                next_tick = loop.time() + every_seconds
+                await asyncio.to_thread(service.tick)
+            else:
+                await asyncio.to_thread(service.judge_reported)
             await service.check_now(nudger)
         except FleetwardError as error:
             logger.warning("could not judge the rollouts: %s", error)
-        await asyncio.sleep(every_seconds)
+        await asyncio.sleep(step)

@@ -9,9 +9,9 @@ when they come near expiry, the snapshot, targets and product roles) is signed a
 transaction, so any process of any node may do it and only one does.
 
 Adding an image stores its bytes, registers its reference value with the authority (what measured launch
-measures: the component id, the version and the package's SHA-256), computes a bsdiff delta from the
-highest earlier version of the same component, and publishes new product role, targets, snapshot and
-timestamp versions.
+measures: the component id, the version and the package's SHA-256), computes a bsdiff delta from each
+of the ``Limits.image_delta_bases`` (3) highest earlier versions of the same component (keeping those
+smaller than the image), and publishes new product role, targets, snapshot and timestamp versions.
 """
 
 from __future__ import annotations
@@ -204,10 +204,17 @@ class ImageService:
         root_keys: list[Key],
         threshold: int,
         rotate_online: bool = False,
+        *,
+        rotation: bool = False,
     ) -> bytes:
         """An unsigned root for the offline ``root_keys`` naming the server's online keys (new ones on the
         first root, or with ``rotate_online``); the operator signs it and hands it to :meth:`accept_root`.
-        Administrators only."""
+        Administrators only.
+
+        ``rotation`` says which the operator means: the first root (``Conflict``
+        ``repository_initialized`` once there is one, so that ``repo init`` never replaces a root by one
+        naming only the keys it was given) or a rotation (``Conflict`` ``repository_not_initialized``
+        while there is none)."""
         principal.require(tenant_id, Scope.ADMIN)
         for key in root_keys:
             if not isinstance(key, SSlibKey) or key.keytype != "ecdsa":
@@ -215,6 +222,17 @@ class ImageService:
         now = self._clock.now()
         with self._db.write() as connection:
             previous = self._current_root(connection, tenant_id)
+            if previous is not None and not rotation:
+                raise Conflict(
+                    f"the image repository is already initialised (root version {previous.signed.version}): "
+                    "use `fleetward repo rotate-root`",
+                    code="repository_initialized",
+                )
+            if previous is None and rotation:
+                raise Conflict(
+                    "the image repository has no root to rotate yet: run `fleetward repo init`",
+                    code="repository_not_initialized",
+                )
             pending = {
                 row.role: row
                 for row in self._key_rows(connection, tenant_id, online=True)

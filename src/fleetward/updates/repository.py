@@ -44,6 +44,7 @@ from fleetward.wire.updates import (
     TargetCustom,
     director_entry,
     director_role,
+    product_paths,
     product_role,
 )
 
@@ -208,13 +209,6 @@ def root_keys(root: Root) -> list[Key]:
 # --------------------------------------------------------------------------- targets, products
 
 
-def product_paths(product_id: str) -> str:
-    """The path pattern a product's role is trusted for. TUF matches a pattern segment by segment (``*``
-    never crosses a ``/``), and every image and delta path is ``<product>/<component>/<version>/<file>``
-    (``wire.updates.target_path``, ``delta_path``), so the pattern has four segments."""
-    return f"{product_id}/*/*/*"
-
-
 def build_targets(version: int, expires: dt.datetime, product_keys: Mapping[str, Key]) -> Metadata[Targets]:
     """Unsigned top-level targets: no targets of its own, one terminating delegation per product."""
     keys: dict[str, Key] = {}
@@ -223,7 +217,7 @@ def build_targets(version: int, expires: dt.datetime, product_keys: Mapping[str,
         key = product_keys[product_id]
         keys[key.keyid] = key
         name = product_role(product_id)
-        roles[name] = DelegatedRole(name, [key.keyid], 1, True, paths=[product_paths(product_id)])
+        roles[name] = DelegatedRole(name, [key.keyid], 1, True, paths=product_paths(product_id))
     delegations = Delegations(keys, roles) if roles else None
     return Metadata(
         Targets(
