@@ -25,7 +25,7 @@ import re
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -469,70 +469,51 @@ class ImageService:
                 code="repository_not_initialized",
             )
         versions = {role: version for role, (version, _expires) in latest.items()}
-        floors = self._floors(connection, tenant_id)
-        for product_id in products:
-            role = product_role(product_id)
+
+        def publish(role: str, build: Callable[[int, dt.datetime], Any]) -> None:
+            """The next version of ``role``: built, signed with the role's online key, stored."""
             version = versions.get(role, 0) + 1
             expires = self.policy.expires(role, now)
-            unsigned = repository.build_product_role(
-                product_id, version, expires, self._product_targets(connection, tenant_id, product_id), floors
-            )
             signer = self._signer(tenant_id, self._active_row(connection, tenant_id, role))
-            self._store(
-                connection, tenant_id, role, repository.signed_bytes(unsigned, signer), expires, version, now
-            )
+            body = repository.signed_bytes(build(version, expires), signer)
+            self._store(connection, tenant_id, role, body, expires, version, now)
             versions[role] = version
+
+        floors = self._floors(connection, tenant_id)
+        for product_id in products:
+            listed_targets = self._product_targets(connection, tenant_id, product_id)
+            publish(  # called at once: the lambda sees this iteration's product
+                product_role(product_id),
+                lambda version, expires: repository.build_product_role(
+                    product_id,  # noqa: B023
+                    version,
+                    expires,
+                    listed_targets,  # noqa: B023
+                    floors,
+                ),
+            )
         if targets or Targets.type not in versions:
-            version = versions.get(Targets.type, 0) + 1
-            expires = self.policy.expires(Targets.type, now)
             product_keys = {
                 product_id: _public_key(self._active_row(connection, tenant_id, product_role(product_id)))
                 for product_id in self._product_ids(connection, tenant_id)
             }
-            unsigned_targets = repository.build_targets(version, expires, product_keys)
-            signer = self._signer(tenant_id, self._active_row(connection, tenant_id, Targets.type))
-            self._store(
-                connection,
-                tenant_id,
+            publish(
                 Targets.type,
-                repository.signed_bytes(unsigned_targets, signer),
-                expires,
-                version,
-                now,
+                lambda version, expires: repository.build_targets(version, expires, product_keys),
             )
-            versions[Targets.type] = version
         if snapshot or targets or products or Snapshot.type not in versions:
-            version = versions.get(Snapshot.type, 0) + 1
-            expires = self.policy.expires(Snapshot.type, now)
             listed = {
                 role: number
                 for role, number in versions.items()
                 if role == Targets.type or role.startswith(_PRODUCT_PREFIX)
             }
-            unsigned_snapshot = repository.build_snapshot(version, expires, listed)
-            signer = self._signer(tenant_id, self._active_row(connection, tenant_id, Snapshot.type))
-            self._store(
-                connection,
-                tenant_id,
-                Snapshot.type,
-                repository.signed_bytes(unsigned_snapshot, signer),
-                expires,
-                version,
-                now,
+            publish(
+                Snapshot.type, lambda version, expires: repository.build_snapshot(version, expires, listed)
             )
-            versions[Snapshot.type] = version
-        version = versions.get(Timestamp.type, 0) + 1
-        expires = self.policy.expires(Timestamp.type, now)
-        unsigned_timestamp = repository.build_timestamp(version, expires, versions[Snapshot.type])
-        signer = self._signer(tenant_id, self._active_row(connection, tenant_id, Timestamp.type))
-        self._store(
-            connection,
-            tenant_id,
+        snapshot_version = versions[Snapshot.type]
+        publish(
             Timestamp.type,
-            repository.signed_bytes(unsigned_timestamp, signer),
-            expires,
-            version,
-            now,
+            lambda version, expires: repository.build_timestamp(version, expires, snapshot_version),
         )
 
     @staticmethod
