@@ -20,7 +20,15 @@ from tuf.api.metadata import TargetFile
 
 from fleetward.agent.config import read_install_record, render_install_record, write_private_file
 from fleetward.agent.launch import InstallRecord
+from fleetward.agent.manifest import Manifest
 from fleetward.agent.package import build_package, sign_package
+from fleetward.agent.self_update import (
+    AGENT_COMPONENT_ID,
+    AGENT_DID_NOT_START,
+    AGENT_ENTRY_POINT,
+    agent_record_dir,
+    agent_slots,
+)
 from fleetward.agent.slots import ComponentSlots
 from fleetward.agent.update_client import Downloaded, Plan, PlannedImage
 from fleetward.agent.updater import Client, Updater, UpdaterSettings
@@ -81,6 +89,7 @@ class Apps:
     running: dict[str, str] = field(default_factory=dict)
     deferred: dt.datetime | None = None
     deferral_reset: int = 0
+    restarts: int = 0
 
     async def replace(self, record: InstallRecord | None, component_id: str) -> None:
         self.running.pop(component_id, None)
@@ -96,6 +105,9 @@ class Apps:
 
     def deferral_done(self, component_id: str) -> None:
         self.deferral_reset += 1
+
+    def restart_agent(self) -> None:
+        self.restarts += 1
 
 
 @dataclass
@@ -141,8 +153,10 @@ class Device:
         target.unrecognized_fields["custom"] = custom.model_dump(mode="json", exclude_none=True)
         return PlannedImage(COMPONENT, version, ImageKind.APP, target, custom)
 
-    def updater(self, client: Client, apps: Apps) -> Updater:
-        settings = UpdaterSettings(state_dir=self.state_dir, apps_dir=self.apps_dir, trial_seconds=0.1)
+    def updater(self, client: Client, apps: Apps, *, agent_sha256: str | None = None) -> Updater:
+        settings = UpdaterSettings(
+            state_dir=self.state_dir, apps_dir=self.apps_dir, trial_seconds=0.1, agent_sha256=agent_sha256
+        )
         return Updater(settings, client, apps, clock=self.clock)
 
 
@@ -342,14 +356,87 @@ async def test_going_back_to_the_package_kept_in_the_other_slot_needs_no_downloa
     assert result.bytes_saved == first.plan.images[0].target.length
 
 
-async def test_an_agent_image_is_refused_rather_than_run_as_an_application(device: Device) -> None:
+def agent_plan(device: Device, version: str) -> FakeClient:
+    """A plan with one agent image (a small package naming the agent's component)."""
+    manifest = Manifest(
+        name="fleetward-agent", component_id=AGENT_COMPONENT_ID, entry_point=AGENT_ENTRY_POINT
+    )
+    data = build_package(manifest, {AGENT_ENTRY_POINT: b"print('agent')\n"})
+    signature = sign_package(device.world.publisher, data)
+    path = target_path(PRODUCT, AGENT_COMPONENT_ID, version)
+    custom = TargetCustom(
+        component_id=AGENT_COMPONENT_ID,
+        version=version,
+        product_id=PRODUCT,
+        publisher_signature=base64.b64encode(signature).decode(),
+    )
+    target = TargetFile.from_data(path, data)
+    target.unrecognized_fields["custom"] = custom.model_dump(mode="json", exclude_none=True)
+    image = PlannedImage(AGENT_COMPONENT_ID, version, ImageKind.AGENT, target, custom)
+    plan = Plan(assignment_version=1, deployment_id=DEPLOYMENT, window=None, images=(image,))
+    return FakeClient(plan, {image.sha256: data})
+
+
+async def test_an_agent_image_goes_into_the_agents_slots_and_the_agent_restarts_on_it(device: Device) -> None:
+    client = agent_plan(device, "9.0.0")
+    apps = Apps(device.world)
+    updater = device.updater(client, apps)
+    await updater.check_once()
+    assert apps.restarts == 1
+    assert apps.running == {}  # never launched as an application
+    sent = [(result.version, result.state) for report in client.reports for result in report.results]
+    assert sent[-1] == ("9.0.0", UpdateState.TRIAL)  # sent before the restart
+    assert device.installed_version() == "1.0.0"
+    record = read_install_record(agent_record_dir(device.state_dir) / f"{AGENT_COMPONENT_ID}.toml")
+    assert record.version == "9.0.0"
+    assert not (device.apps_dir / f"{AGENT_COMPONENT_ID}.toml").exists()  # boot launches apps/ only
+
+
+async def test_the_new_agent_keeps_its_trial_at_start_and_commits_it_once_healthy(device: Device) -> None:
+    client = agent_plan(device, "9.0.0")
+    await device.updater(client, Apps(device.world)).check_once()
+    sha256 = client.plan.images[0].sha256
+    new_agent = device.updater(client, Apps(device.world), agent_sha256=sha256)
+    assert new_agent.recover() == ()  # the agent on trial is not rolled back by its own start
+    trial = new_agent.agent_trial()
+    assert trial is not None
+    assert trial.version == "9.0.0"
+    await new_agent.commit_agent()
+    assert new_agent.agent_trial() is None
+    assert last_state(client) == [("9.0.0", UpdateState.INSTALLED, None)]
+    components = {(c.component_id, c.version) for c in client.reports[-1].components}
+    assert (AGENT_COMPONENT_ID, "9.0.0") in components
+    # the director sees it installed: the next check does not install it again
+    assert AGENT_COMPONENT_ID in new_agent._installed()
+
+
+async def test_an_agent_that_is_not_the_one_on_trial_rolls_the_trial_back_at_start(device: Device) -> None:
+    client = agent_plan(device, "9.0.0")
+    await device.updater(client, Apps(device.world)).check_once()
+    # the launcher saw the new agent start twice without a commit: it marked the trial failed
+    agent_slots(device.state_dir).mark_failed(AGENT_DID_NOT_START)
+    old_agent = device.updater(client, Apps(device.world), agent_sha256="0" * 64)
+    assert old_agent.agent_trial() is None
+    [recovery] = old_agent.recover()
+    assert recovery.failed is not None
+    assert not (agent_record_dir(device.state_dir) / f"{AGENT_COMPONENT_ID}.toml").exists()
+    [result] = old_agent.pending_results()
+    assert (result.state, result.code) == (UpdateState.ROLLED_BACK, AGENT_DID_NOT_START)
+    assert "did not start" in result.message
+    await old_agent.check_once()  # delivered once; not tried again for this deployment
+    assert old_agent.pending_results() == ()
+    assert client.downloads == 1
+    assert device.updater(client, Apps(device.world)).pending_results() == ()
+
+
+async def test_an_image_whose_kind_and_component_disagree_is_refused(device: Device) -> None:
     client = plan_for(device, "2.0.0")
     image = client.plan.images[0]
     agent_image = PlannedImage(image.component_id, image.version, ImageKind.AGENT, image.target, image.custom)
     client.plan = Plan(assignment_version=1, deployment_id=DEPLOYMENT, window=None, images=(agent_image,))
     await device.updater(client, Apps(device.world)).check_once()
     assert device.installed_version() == "1.0.0"
-    assert last_state(client) == [("2.0.0", UpdateState.FAILED, "agent_image_unsupported")]
+    assert last_state(client) == [("2.0.0", UpdateState.FAILED, "agent_component_mismatch")]
 
 
 async def test_outside_its_window_an_update_is_looked_at_again_when_the_window_opens(device: Device) -> None:

@@ -77,9 +77,10 @@ def package(version: str) -> bytes:
     return build_package(manifest, {"bin/app": body.encode()})
 
 
-def running(state: Path, version: str) -> AgentStatus | None:
+def running(state: Path, version: str, process: subprocess.Popen[bytes]) -> AgentStatus | None:
+    """The status of the agent run ``process`` (not an earlier run's), once it runs ``version``."""
     status = read_status(state / "status.json")
-    if status is None or not status.running:
+    if status is None or not status.running or status.pid != process.pid:
         return None
     app = next((app for app in status.apps if app.component_id == COMPONENT), None)
     return status if app is not None and app.version == version and app.state == "running" else None
@@ -171,7 +172,7 @@ def test_an_agent_killed_during_a_trial_starts_the_previous_version_and_reports_
 
     try:
         agent = start(1)
-        eventually(lambda: running(state, "1.0.0"), "1.0.0 to run")
+        eventually(lambda: running(state, "1.0.0", agent), "1.0.0 to run")
         second = operator.publish(package("2.0.0"), "2.0.0")
         deployment = operator.deploy(hub.tenant.groups["Field Test"].id, [second])
         eventually(lambda: operator.device(device.device_id).state == "trial", "the trial to begin")
@@ -180,8 +181,8 @@ def test_an_agent_killed_during_a_trial_starts_the_previous_version_and_reports_
         agent.send_signal(signal.SIGKILL)  # the power cut
         agent.wait()
 
-        start(2)
-        eventually(lambda: running(state, "1.0.0"), "1.0.0 to run again after the cut", timeout=60)
+        restarted = start(2)
+        eventually(lambda: running(state, "1.0.0", restarted), "1.0.0 to run again after the cut", timeout=60)
         assert read_install_record(state / "apps" / f"{COMPONENT}.toml").version == "1.0.0"
         status = eventually(aborted_on_device, "the director to hear of it")
         assert "rolled_back (interrupted)" in status.message

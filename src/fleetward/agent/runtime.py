@@ -92,6 +92,8 @@ AGENT_METHODS = frozenset({STATUS_METHOD, CHECK_METHOD})
 REQUEST_TIMEOUT_SECONDS = 10.0
 #: how long an updated application may take to start before its trial counts as failed
 TRIAL_START_SECONDS = 60.0
+#: how long a new agent on trial may take to get a certificate for its measurement and reach the hub
+AGENT_HEALTH_SECONDS = 300.0
 JSON_PROPERTIES = (("$.ct", "application/json"), ("$.ce", "utf-8"))
 #: the property that marks the agent's own health telemetry
 HEALTH_PROPERTY = ("fleetward-agent", "health")
@@ -172,6 +174,10 @@ class Agent:
         self._stopping = asyncio.Event()
         self._status_changed = asyncio.Event()
         self.device_id = ""
+        #: the agent stopped to be started again on its new image (``agent run`` exits with 75)
+        self.restart_requested = False
+        #: the certificate serial the agent started with: an agent on trial waits for a newer one
+        self._boot_serial: str | None = None
 
     # ------------------------------------------------------------------ life
 
@@ -274,6 +280,8 @@ class Agent:
             CredentialTls(settings.credential_file, settings.ca_file),
         )
         self._stack.push_async_callback(self._renewer.__aexit__, None, None, None)
+        started_with = self._renewer.credential
+        self._boot_serial = started_with.issued.serial if started_with is not None else None
         await self._renewer.__aenter__()
         self._stack.push_async_callback(self._close_link)
         if self._renewer.credential is not None:
@@ -634,6 +642,39 @@ class Agent:
     def deferral_done(self, component_id: str) -> None:
         self._deferrals.reset(component_id)
 
+    def restart_agent(self) -> None:
+        """Stop cleanly, to be started again on the agent image now on trial (``agent run`` exits 75)."""
+        self.restart_requested = True
+        self.stop()
+
+    async def _confirm_agent(self, updater: Updater) -> None:
+        """This agent is on trial: healthy once the authority issued it a certificate for its measurement
+        (attesting again at once) and the hub link is up; then the slot is kept. If it does not get there
+        within :data:`AGENT_HEALTH_SECONDS`, it restarts: the launcher rolls back at its second start."""
+        assert self._renewer is not None
+        assert self._link is not None
+        credential = self._renewer.credential
+        if credential is not None and credential.issued.serial == self._boot_serial:
+            self._renewer.renew_now()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + AGENT_HEALTH_SECONDS
+        while True:
+            credential = self._renewer.credential
+            fresh = credential is not None and credential.issued.serial != self._boot_serial
+            if fresh and self._link.status.connected:
+                await updater.commit_agent()
+                return
+            if loop.time() > deadline:
+                logger.error(
+                    "the new agent is not healthy after %g s (certificate: %s, hub: %s): restarting",
+                    AGENT_HEALTH_SECONDS,
+                    "new" if fresh else "none for this measurement",
+                    "connected" if self._link.status.connected else "not connected",
+                )
+                self.restart_agent()
+                return
+            await asyncio.sleep(0.1)
+
     def _build_updater(self, updates: UpdateSettings) -> Updater:
         settings = self.settings
         try:
@@ -663,6 +704,7 @@ class Agent:
                 apps_dir=settings.apps_dir,
                 poll_seconds=updates.poll_seconds,
                 trial_seconds=updates.trial_seconds,
+                agent_sha256=settings.measurement.sha256,
             ),
             client,
             self,
@@ -673,6 +715,10 @@ class Agent:
         """Updates are asked for with the operational certificate: wait for the first one."""
         while self._renewer is None or self._renewer.credential is None:
             await asyncio.sleep(0.2)
+        if updater.agent_trial() is not None:
+            await self._confirm_agent(updater)
+            if self.restart_requested:
+                return
         await updater.run()
 
     def _update_token(self) -> str:
@@ -797,6 +843,8 @@ class Agent:
             violations=self._violations,
             apps=self._app_statuses(),
             last_refusal=self._last_refusal,
+            agent_version=self.settings.measurement.version,
+            agent_sha256=self.settings.measurement.sha256,
         )
 
     def _app_statuses(self) -> tuple[AppStatus, ...]:

@@ -407,6 +407,23 @@ class ComponentSlots:
             raise Conflict("no trial is in progress")
         return self._roll_back(state, state.trial.failure or reason)
 
+    def mark_failed(self, reason: str) -> InstallRecord | None:
+        """Begin a rollback without finishing it: ``state.json`` records the trial's failure (``reason``);
+        the install record still names the trial's slot until :meth:`recover` (or :meth:`roll_back`)
+        finishes the rollback and hands the failure to whoever reports it. Returns the record to run
+        meanwhile: the previous one (None: what ran before the slots). The agent's launcher uses it, so
+        that the agent it starts, not the launcher, reports the rollback."""
+        if not _REASON.fullmatch(reason):
+            raise ValueError("a failure reason is a code: a-z, 0-9 and _, starting with a letter")
+        state = self.state()
+        trial = state.trial
+        if trial is None:
+            raise Conflict("no trial is in progress")
+        if trial.failure is None:
+            state = dataclasses.replace(state, trial=dataclasses.replace(trial, failure=reason))
+            self._write_state(state, "rollback.state")
+        return state.previous
+
     def recover(self, now: dt.datetime) -> Recovery:
         """At agent start, before measured boot: finish or undo whatever a stop left half done."""
         cleaned: list[str] = []

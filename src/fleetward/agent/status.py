@@ -104,6 +104,9 @@ class AgentStatus(_Record):
     violations: int = 0
     apps: tuple[AppStatus, ...] = ()
     last_refusal: RefusalStatus | None = None
+    #: the agent's own measurement: the version and SHA-256 it runs (of its image, when it runs one)
+    agent_version: str | None = None
+    agent_sha256: str | None = None
 
 
 def write_status(path: Path, status: AgentStatus) -> None:

@@ -16,8 +16,11 @@ planned image in turn:
 A power cut or a kill at any step is recovered at the next start (:mod:`fleetward.agent.slots`: a trial
 that did not finish is rolled back). A download the network cut stays ``downloading`` and is resumed
 ``retry_seconds`` later; an image that was rolled back is not tried again for the same deployment; going
-back to the package kept in the other slot needs no download; an image of the agent itself is refused
-(``agent_image_unsupported``: the agent installs applications; its own package comes from the system).
+back to the package kept in the other slot needs no download. An image of the agent itself
+(:mod:`fleetward.agent.self_update`) goes into the agent's own slots the same way; after the switch
+(``trial``) the agent restarts on it, and the new agent commits it (``installed``,
+:meth:`Updater.commit_agent`) once it is healthy; the launcher rolls back one that does not get there,
+and the agent then started reports it (``rolled_back``, from :meth:`Updater.recover`).
 Every result goes to the director in a :class:`~fleetward.wire.updates.VersionReport`, with the reason a
 check refused what it was given; results are kept on disk until the director has them, so none is lost
 to a network cut or a restart.
@@ -38,7 +41,8 @@ from pydantic import TypeAdapter, ValidationError
 
 from fleetward.agent.config import load_install_records, write_private_file
 from fleetward.agent.launch import InstallRecord
-from fleetward.agent.slots import INTERRUPTED, ComponentSlots, Recovery
+from fleetward.agent.self_update import AGENT_COMPONENT_ID, AGENT_DID_NOT_START, agent_record_dir
+from fleetward.agent.slots import INTERRUPTED, ComponentSlots, Recovery, Trial
 from fleetward.agent.update_client import Downloaded, Plan, PlannedImage
 from fleetward.clock import Clock, SystemClock
 from fleetward.errors import FleetwardError, LaunchRefused, TransportError, UpdateRefused
@@ -87,6 +91,9 @@ class AppControl(Protocol):
 
     def deferral_done(self, component_id: str) -> None: ...
 
+    def restart_agent(self) -> None:
+        """Stop the agent cleanly so that it is started again (on the agent image now on trial)."""
+
 
 @dataclass(frozen=True)
 class UpdaterSettings:
@@ -96,6 +103,8 @@ class UpdaterSettings:
     trial_seconds: float = 30.0
     #: after a download the network cut, the next try comes this soon (it resumes)
     retry_seconds: float = 60.0
+    #: the running agent's own measurement SHA-256: it is the agent on trial if its image's is the same
+    agent_sha256: str | None = None
 
     @property
     def results_file(self) -> Path:
@@ -138,6 +147,8 @@ class Updater:
         self._refusal: CheckRefusal | None = None
         self.last_error: str | None = None
         self.checks = 0
+        #: the agent was asked to restart on its new image
+        self.restarting = False
 
     # ------------------------------------------------------------------ the schedule
 
@@ -172,7 +183,10 @@ class Updater:
         for slots_dir in (
             sorted(self.settings.slots_dir.glob("*")) if self.settings.slots_dir.is_dir() else []
         ):
-            slots = ComponentSlots.open(self.settings.state_dir, self.settings.apps_dir, slots_dir.name)
+            slots = self._slots(slots_dir.name)
+            if self._on_trial(slots) is not None:
+                logger.warning("this agent is on trial: it commits itself once it is healthy")
+                continue  # this agent is the one on trial: it commits once healthy (commit_agent)
             recovery = slots.recover(self._clock.now())
             recoveries.append(recovery)
             trial = recovery.failed
@@ -193,11 +207,63 @@ class Updater:
                     sha256=trial.sha256,
                     state=UpdateState.ROLLED_BACK,
                     code=trial.failure or INTERRUPTED,
-                    message="the agent stopped during the trial (a power cut, a kill, a crash)",
+                    message=_recovered_message(slots_dir.name, trial.failure),
                     at=self._clock.now(),
                 )
             )
         return tuple(recoveries)
+
+    def _slots(self, component: str) -> ComponentSlots:
+        """The component's slots; the agent's own keep their install record out of the applications'."""
+        records = (
+            agent_record_dir(self.settings.state_dir)
+            if component == AGENT_COMPONENT_ID
+            else self.settings.apps_dir
+        )
+        return ComponentSlots.open(self.settings.state_dir, records, component)
+
+    def _on_trial(self, slots: ComponentSlots) -> Trial | None:
+        """The trial of the agent's image if this agent is the one on trial (its measurement is the image)."""
+        if slots.component_id != AGENT_COMPONENT_ID or self.settings.agent_sha256 is None:
+            return None
+        trial = slots.state().trial
+        active = slots.active()
+        if (
+            trial is None
+            or trial.failure is not None
+            or trial.sha256 != self.settings.agent_sha256
+            or active is None
+            or active.package_sha256 != trial.sha256
+        ):
+            return None
+        return trial
+
+    def agent_trial(self) -> Trial | None:
+        """The trial of the agent image this agent runs, still to be committed, or None."""
+        if not (self.settings.slots_dir / AGENT_COMPONENT_ID).is_dir():
+            return None
+        return self._on_trial(self._slots(AGENT_COMPONENT_ID))
+
+    async def commit_agent(self) -> None:
+        """The agent on trial is healthy: keep its slot and tell the director ``installed``."""
+        async with self._lock:
+            slots = await asyncio.to_thread(self._slots, AGENT_COMPONENT_ID)
+            trial = self._on_trial(slots)
+            if trial is None:
+                return
+            await asyncio.to_thread(slots.commit)
+            self._remember(
+                UpdateResult(
+                    deployment_id=trial.deployment_id,
+                    component_id=AGENT_COMPONENT_ID,
+                    version=trial.version,
+                    sha256=trial.sha256,
+                    state=UpdateState.INSTALLED,
+                    at=self._clock.now(),
+                )
+            )
+            logger.info("the agent runs %s and is healthy: kept", trial.version)
+            await self._flush()
 
     async def check_once(self) -> Plan | None:
         async with self._lock:
@@ -219,6 +285,8 @@ class Updater:
             self._retry_at = None
             for image in plan.images:
                 await self._install(plan, image)
+                if self.restarting:
+                    break  # the agent stops now; the next one goes on with the rest
             self.last_error = None
             await self._flush()
             return plan
@@ -230,14 +298,15 @@ class Updater:
         if (deployment, image.sha256) in self._given_up:
             return  # it was tried for this deployment and rolled back: the director knows; wait for another
         now = self._clock.now()
-        if image.kind is ImageKind.AGENT:
+        agent = image.kind is ImageKind.AGENT
+        if agent != (component == AGENT_COMPONENT_ID):
             self._result(
                 plan,
                 image,
                 UpdateState.FAILED,
-                "agent_image_unsupported",
-                "this agent installs application images; its own image is installed by the system's "
-                "package manager",
+                "agent_component_mismatch",
+                f"an image of kind {image.kind.value} must name the agent's component {AGENT_COMPONENT_ID} "
+                "if, and only if, it is the agent's",
             )
             return
         if plan.window is not None and not plan.window.contains(now):
@@ -253,9 +322,7 @@ class Updater:
                 plan, image, UpdateState.DEFERRED, "deferred_by_app", f"deferred until {until.isoformat()}"
             )
             return
-        slots = await asyncio.to_thread(
-            ComponentSlots.open, self.settings.state_dir, self.settings.apps_dir, component
-        )
+        slots = await asyncio.to_thread(self._slots, component)
         self._result(plan, image, UpdateState.DOWNLOADING)
         try:
             downloaded = await self._fetch(slots, image)
@@ -272,6 +339,11 @@ class Updater:
         switched = await asyncio.to_thread(slots.switch, deployment, self._clock.now())
         self._result(plan, image, UpdateState.TRIAL, downloaded=downloaded)
         await self._flush()
+        if agent:  # the new agent commits itself once healthy; the launcher rolls back one that is not
+            logger.info("the agent restarts on %s", image.version)
+            self.restarting = True
+            self._apps.restart_agent()
+            return
         problem: str | None
         try:
             await self._apps.replace(switched.record, component)
@@ -326,10 +398,11 @@ class Updater:
     # ------------------------------------------------------------------ what the director hears
 
     def _installed(self) -> dict[str, tuple[str, str]]:
-        return {
-            record.component_id: (record.version, record.package_sha256)
-            for record in load_install_records(self.settings.apps_dir)
-        }
+        records = (
+            *load_install_records(self.settings.apps_dir),
+            *load_install_records(agent_record_dir(self.settings.state_dir)),
+        )
+        return {record.component_id: (record.version, record.package_sha256) for record in records}
 
     def _result(
         self,
@@ -416,3 +489,13 @@ class Updater:
     def _save_results(self) -> None:
         data = json.dumps([result.model_dump(mode="json") for result in self._pending]).encode()
         write_private_file(self.settings.results_file, data)
+
+
+def _recovered_message(component: str, failure: str | None) -> str:
+    if component == AGENT_COMPONENT_ID and failure == AGENT_DID_NOT_START:
+        return "the new agent did not start and commit itself: the launcher went back to the previous one"
+    if component == AGENT_COMPONENT_ID and failure not in (None, INTERRUPTED):
+        return (
+            f"measured launch refused the new agent ({failure}): the launcher went back to the previous one"
+        )
+    return "the agent stopped during the trial (a power cut, a kill, a crash)"

@@ -58,6 +58,10 @@ app_app = typer.Typer(
     name="app", help="The applications the agent launches: install, list, logs.", no_args_is_help=True
 )
 agent_app.add_typer(app_app)
+image_app = typer.Typer(
+    name="image", help="The agent's own image: build one to publish.", no_args_is_help=True
+)
+agent_app.add_typer(image_app)
 
 StateDir = Annotated[
     Path,
@@ -241,17 +245,54 @@ def run(
 ) -> None:
     """Run the agent until SIGTERM or Ctrl-C: enroll and renew, launch and supervise, keep the hub link."""
     from fleetward.agent.runtime import Agent
+    from fleetward.agent.self_update import RESTART_EXIT_CODE
 
     settings = _load(state_dir)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    restart = False
 
     async def main() -> None:
+        nonlocal restart
         async with Agent(settings) as agent:
             console.print(f"agent {agent.device_id} running; status in {settings.status_file}")
             await agent.run_until_signalled()
+        restart = agent.restart_requested
 
     with _errors():
         asyncio.run(main())
+    if restart:  # an agent image is on trial: the launcher (and its service manager) starts it
+        console.print(f"agent stopped to restart on its new image (exit status {RESTART_EXIT_CODE})")
+        raise typer.Exit(RESTART_EXIT_CODE)
+
+
+@agent_app.command()
+def launch(
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Start the agent (what the service manager runs, Restart=always): the agent image it installed, once
+    measured launch accepts it, else the installed agent; a new image on trial gets one start to commit."""
+    from fleetward.agent.self_update import launch as launch_agent
+
+    settings = _load(state_dir)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with _errors():
+        launch_agent(settings, log_level=log_level)
+
+
+@image_app.command("build")
+def image_build(
+    out: Annotated[Path, typer.Option(help="Where to write the agent image (an uncompressed tar).")],
+) -> None:
+    """Build an agent image of this fleetward, to publish with `fleetward image add FILE --kind agent`."""
+    from fleetward.agent.self_update import AGENT_COMPONENT_ID, build_agent_image
+
+    data = build_agent_image()
+    out.write_bytes(data)
+    console.print(
+        f"Wrote {out} ({len(data)} bytes), component {AGENT_COMPONENT_ID}; publish it with\n"
+        f"  fleetward image add {out} --kind agent --product PRODUCT --version VERSION --publisher-key KEY"
+    )
 
 
 # ------------------------------------------------------------------------------------------- status

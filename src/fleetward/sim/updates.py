@@ -30,6 +30,7 @@ from fleetward.api.schemas_images import ImageCreate, ImagePublic, RootAccepted,
 from fleetward.client import FleetwardClient
 from fleetward.sim.agents import PANEL_MONITOR
 from fleetward.updates.repository import sign_root
+from fleetward.wire.updates import ImageKind
 
 #: deployment states after which a rollout does no more
 SETTLED = frozenset({"current", "aborted", "superseded", "reverted"})
@@ -72,13 +73,14 @@ class UpdateOperator:
         root_file.write_bytes(self.client.get_bytes(self._api("/repository/root")))
         return accepted.version
 
-    def publish(self, package: bytes, version: str) -> ImagePublic:
+    def publish(self, package: bytes, version: str, kind: ImageKind = ImageKind.APP) -> ImagePublic:
         """Sign ``package`` as its publisher and add it to the image repository."""
         return self.client.post(
             self._api("/images"),
             ImageCreate(
                 product_id=self.product_id,
                 version=version,
+                kind=kind,
                 package_base64=base64.b64encode(package).decode("ascii"),
                 signature_base64=base64.b64encode(sign_package(self.publisher, package)).decode("ascii"),
             ),
