@@ -328,10 +328,10 @@ def judge(plan: RolloutPlan, progress: RolloutProgress, now: dt.datetime) -> Ver
             return Verdict(
                 Decision.ABORT,
                 code,
-                f"{failed} failed or rolled back and {silent} silent for over "
-                f"{plan.report_timeout_seconds} s of {total} devices reached "
-                f"({_percent(failed + silent, total)}; the plan allows under "
-                f"{plan.max_failure_fraction:.0%})",
+                f"{failed} failed or rolled back"
+                + (f" and {silent} silent for over {plan.report_timeout_seconds} s" if silent else "")
+                + f" of {total} device(s) reached ({_percent(failed + silent, total)}; the plan allows "
+                f"under {plan.max_failure_fraction:.0%})",
             )
         unhealthy = sum(1 for device in reached if device.unhealthy)
         if unhealthy > 0 and unhealthy >= plan.max_unhealthy_fraction * total:
