@@ -228,6 +228,12 @@ async def test_a_release_that_fails_its_trial_aborts_in_the_first_wave_and_a_goo
         assert {status.state for status in statuses} == {"installed"}
         # each device fetched a delta from the release it ran, not the whole image
         assert all(status.bytes_saved > 0 for status in statuses)
+        # and the agents' own status says the director has every result
+        for agent in fleet.agents:
+            updates = (await agent.status()).updates
+            assert updates is not None
+            assert updates.checks >= 1
+            assert (updates.pending_results, updates.last_error) == (0, None)
 
 
 async def test_crashes_after_an_install_abort_the_rollout_and_the_updated_device_goes_back(

@@ -72,6 +72,7 @@ from fleetward.agent.status import (
     OutboxState,
     RefusalStatus,
     StateLock,
+    UpdateStatus,
     write_status,
 )
 from fleetward.agent.supervisor import AppHandle, AppState, RestartPolicy, Supervisor, SupervisorConfig
@@ -843,6 +844,7 @@ class Agent:
             violations=self._violations,
             apps=self._app_statuses(),
             last_refusal=self._last_refusal,
+            updates=self._update_status(),
             agent_version=self.settings.measurement.version,
             agent_sha256=self.settings.measurement.sha256,
         )
@@ -881,6 +883,17 @@ class Agent:
                 )
             )
         return tuple(sorted(statuses, key=lambda item: item.component_id))
+
+    def _update_status(self) -> UpdateStatus | None:
+        updater = self.updater
+        if updater is None:
+            return None
+        return UpdateStatus(
+            checks=updater.checks,
+            last_error=updater.last_error,
+            pending_results=len(updater.pending_results()),
+            retry_at=updater.retry_at,
+        )
 
     def _current_apps(self) -> list[LaunchedApp]:
         """What runs now: what the boot launched, as updates have since replaced it."""

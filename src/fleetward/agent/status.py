@@ -85,6 +85,17 @@ class RefusalStatus(_Record):
     at: dt.datetime
 
 
+class UpdateStatus(_Record):
+    """The updater: how many checks ran, the last one's refusal, what waits for the director."""
+
+    checks: int = 0
+    last_error: str | None = None
+    #: results the director has not acknowledged yet
+    pending_results: int = 0
+    #: when a deferred or cut update is looked at again (before the next poll)
+    retry_at: dt.datetime | None = None
+
+
 class AgentStatus(_Record):
     format: Literal["fleetward-agent-status-v1"] = "fleetward-agent-status-v1"
     running: bool
@@ -107,6 +118,8 @@ class AgentStatus(_Record):
     #: the agent's own measurement: the version and SHA-256 it runs (of its image, when it runs one)
     agent_version: str | None = None
     agent_sha256: str | None = None
+    #: ``None`` when updates are not configured
+    updates: UpdateStatus | None = None
 
 
 def write_status(path: Path, status: AgentStatus) -> None:

@@ -400,6 +400,14 @@ def status(context: typer.Context, state_dir: StateDir = DEFAULT_STATE_DIR) -> N
     if found.last_refusal is not None:
         refusal = found.last_refusal
         table.add_row("last refusal", f"{refusal.code}: {refusal.message} ({refusal.at:%Y-%m-%d %H:%M:%S})")
+    if found.updates is not None:
+        updates = found.updates
+        text = f"{updates.checks} checks, {updates.pending_results} result(s) for the director"
+        if updates.retry_at is not None:
+            text += f"; looks again at {updates.retry_at:%Y-%m-%d %H:%M:%S} UTC"
+        table.add_row("updates", text)
+        if updates.last_error:
+            table.add_row("last update error", updates.last_error)
     table.add_row("updated", f"{found.updated_at:%Y-%m-%d %H:%M:%S} UTC")
     console.print(table)
     _show_apps(found.apps)
