@@ -536,3 +536,33 @@ def test_the_cli_creates_keys_inits_the_repository_and_adds_an_image(
         assert CliRunner().invoke(app, [*group, "--help"], env=env).exit_code == 0
     helped = CliRunner().invoke(app, ["image", "add", "--help"], env=env, terminal_width=200).output
     assert "from each of the latest earlier versions" in " ".join(helped.replace("│", " ").split())
+
+
+def test_a_device_of_no_product_reads_no_product_role_and_no_target(repo: Repo) -> None:
+    """Default deny: a device claimed without a group (so without a product) sees the tenant's top-level
+    metadata, which names no image, and nothing of any product."""
+    repo.init()
+    image = repo.add("1.0.0")
+    loose = SimulatedDevice("loose", healthy_software())
+    repo.client.post(
+        f"{repo.base}/devices/claim",
+        schemas.DeviceClaim(devices=[loose.claim_item()]),
+        schemas.ClaimResponse,
+    )
+
+    async def enroll() -> None:
+        async with httpx.AsyncClient(timeout=30) as http:
+            await loose.enroll(repo.server.url, http)
+
+    asyncio.run(enroll())
+    name = image.target_path.replace("image.tar", f"{image.sha256}.image.tar")
+    with httpx.Client(base_url=repo.server.url) as http:
+        token = DeviceFetcher(http, loose).token()
+        assert (
+            http.get("/updates/v1/metadata/1.root.json", headers={"Authorization": token}).status_code == 200
+        )
+        role = http.get(
+            f"/updates/v1/metadata/1.product-{image.product_id}.json", headers={"Authorization": token}
+        )
+        assert role.status_code == 404
+        assert http.get(f"/updates/v1/targets/{name}", headers={"Authorization": token}).status_code == 404

@@ -70,7 +70,7 @@ async def metadata(name: str, device: DeviceDep, service: ImagesDep) -> Response
 )
 async def target(path: str, request: Request, device: DeviceDep, service: ImagesDep) -> Response:
     """A target by its hash-prefixed path (``<product>/<component>/<version>/<sha256>.image.tar``)."""
-    if device.product_id is not None and product_of(path) != device.product_id:
+    if device.product_id is None or product_of(path) != device.product_id:  # default deny: own product only
         raise NotFound("no such target", code="target_not_found")
     data = await asyncio.to_thread(service.target, device.tenant_id, path)
     headers = {"Accept-Ranges": "bytes", "Cache-Control": "private, max-age=3600"}
@@ -90,7 +90,7 @@ async def target(path: str, request: Request, device: DeviceDep, service: Images
 
 
 def _own_product(device: UpdateDevice, match: re.Match[str] | None) -> None:
-    if match is not None and device.product_id is not None and match.group(1) != device.product_id:
+    if match is not None and match.group(1) != device.product_id:  # a device without a product sees none
         raise NotFound("no such metadata", code="metadata_not_found")
 
 
