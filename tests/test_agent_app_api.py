@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import json
 import os
 import pwd
@@ -440,7 +441,7 @@ async def test_every_operation_is_refused_when_not_declared_and_each_refusal_is_
     assert world.link.reported_patches == []
     assert world.peripherals.writes == []
     assert world.power.reboots == []
-    assert world.deferrals.grants == []
+    assert not world.deferrals.grants
 
 
 async def test_a_refusal_names_the_operation_the_capability_and_the_detail_not_declared(world: World) -> None:
@@ -772,6 +773,23 @@ async def test_update_deferrals_are_bounded_per_request_and_in_total(world: Worl
     assert world.deferrals.deferred_until(COMPONENT) is None  # the clock passed it
     world.deferrals.reset(COMPONENT)
     assert (await world.deferrals.defer(COMPONENT, 60)).granted_seconds == 60
+
+
+async def test_a_deferral_and_what_is_left_of_its_budget_survive_a_restart_of_the_agent(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock(dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+    path = tmp_path / "updates" / "deferrals.json"
+    ledger = DeferralLedger(max_total_seconds=3600, clock=clock, path=path)
+    await ledger.defer(COMPONENT, 1800)
+    clock.advance(1000)
+    restarted = DeferralLedger(max_total_seconds=3600, clock=clock, path=path)
+    assert restarted.deferred_until(COMPONENT) == dt.datetime(2026, 1, 1, 0, 30, tzinfo=dt.UTC)
+    grant = await restarted.defer(COMPONENT, 3600)  # the budget counts from the first deferral, not anew
+    assert grant.deferred_until == dt.datetime(2026, 1, 1, 1, 0, tzinfo=dt.UTC)
+    assert grant.remaining_seconds == 0
+    restarted.reset(COMPONENT)
+    assert DeferralLedger(max_total_seconds=3600, clock=clock, path=path).deferred_until(COMPONENT) is None
 
 
 async def test_certificate_paths_only_with_device_authentication_and_refused_without_a_key(

@@ -18,8 +18,10 @@ system events              :class:`SystemEvents` (a broadcaster the runtime publ
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import enum
+import json
 import logging
 import os
 import secrets
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from fleetward.agent.config import write_private_file
 from fleetward.agent.credential import MAX_CREDENTIAL_BYTES, decode_credential
 from fleetward.agent.sandbox import AppIdentity, measure_storage
 from fleetward.clock import Clock, SystemClock
@@ -38,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 #: Azure Sphere's longest deferral of one update: 167 hours.
 DEFAULT_MAX_TOTAL_DEFERRAL_SECONDS = 167 * 3600
+#: a deferral ledger holds a few entries per application; a larger file is not one
+_MAX_LEDGER_BYTES = 256 * 1024
 
 
 class TelemetrySink(Protocol):
@@ -122,18 +127,29 @@ class DeferralLedger:
     """The default :class:`UpdateDeferrals`: per application, updates may be deferred until at most
     ``max_total_seconds`` after its first deferral; each request defers from now (never shortening an
     earlier one) and is cut to what remains. Once nothing remains, requests fail with
-    ``deferral_exhausted`` until the updater calls :meth:`reset` (the update ran, or none is pending)."""
+    ``deferral_exhausted`` until the updater calls :meth:`reset` (the update ran, or none is pending).
+
+    With a ``path`` the ledger is kept on disk (``updates/deferrals.json`` in the agent's state), so that
+    restarting the agent neither forgets a deferral nor gives an application its budget again.
+    """
 
     def __init__(
-        self, *, max_total_seconds: int = DEFAULT_MAX_TOTAL_DEFERRAL_SECONDS, clock: Clock | None = None
+        self,
+        *,
+        max_total_seconds: int = DEFAULT_MAX_TOTAL_DEFERRAL_SECONDS,
+        clock: Clock | None = None,
+        path: Path | None = None,
     ) -> None:
         if max_total_seconds <= 0:
             raise ValueError("max_total_seconds must be positive")
         self._max_total = dt.timedelta(seconds=max_total_seconds)
         self._clock = clock or SystemClock()
+        self._path = path
         self._first: dict[str, dt.datetime] = {}
         self._until: dict[str, dt.datetime] = {}
-        self.grants: list[DeferralGrant] = []
+        #: the latest grants, newest last (a few, for tests and status)
+        self.grants: collections.deque[DeferralGrant] = collections.deque(maxlen=64)
+        self._load()
 
     async def defer(self, component_id: str, seconds: int) -> DeferralGrant:
         if seconds <= 0:
@@ -149,6 +165,7 @@ class DeferralLedger:
         until = min(now + dt.timedelta(seconds=seconds), cap)
         until = max(until, self._until.get(component_id, until))
         self._until[component_id] = until
+        await asyncio.to_thread(self._save)
         grant = DeferralGrant(
             component_id=component_id,
             granted_seconds=int((until - now).total_seconds()),
@@ -167,6 +184,33 @@ class DeferralLedger:
         """The deferral budget of ``component_id`` starts afresh (the updater: the update ran)."""
         self._first.pop(component_id, None)
         self._until.pop(component_id, None)
+        self._save()
+
+    def _load(self) -> None:
+        if self._path is None:
+            return
+        try:
+            raw = json.loads(self._path.read_bytes()[:_MAX_LEDGER_BYTES])
+            for component_id, entry in dict(raw).items():
+                self._first[str(component_id)] = dt.datetime.fromisoformat(entry["first"])
+                self._until[str(component_id)] = dt.datetime.fromisoformat(entry["until"])
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            # a damaged ledger is started afresh: the worst case is a budget given again, once
+            logger.warning("the update deferrals in %s are unreadable, started afresh: %s", self._path, error)
+            self._first.clear()
+            self._until.clear()
+
+    def _save(self) -> None:
+        if self._path is None:
+            return
+        entries = {
+            component_id: {"first": first.isoformat(), "until": self._until[component_id].isoformat()}
+            for component_id, first in self._first.items()
+            if component_id in self._until
+        }
+        write_private_file(self._path, json.dumps(entries).encode())
 
 
 class AppCredentialCopies:

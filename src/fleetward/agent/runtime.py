@@ -155,7 +155,9 @@ class Agent:
         self._app_stacks: dict[str, AsyncExitStack] = {}
         self._identities: UidRangeIdentities | None = None
         self._as_root_now = False
-        self._deferrals = DeferralLedger(clock=self._clock)
+        self._deferrals = DeferralLedger(
+            clock=self._clock, path=settings.state_dir / "updates" / "deferrals.json"
+        )
         self._update_launcher: Launcher | None = None
         self.updater: Updater | None = None
         self._router: CloudRouter | None = None
