@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from tuf.api.metadata import TargetFile
 
+from fleetward.agent.app_services import SystemEvent, SystemEventKind
 from fleetward.agent.config import read_install_record, render_install_record, write_private_file
 from fleetward.agent.launch import InstallRecord
 from fleetward.agent.manifest import Manifest
@@ -90,6 +91,9 @@ class Apps:
     deferred: dt.datetime | None = None
     deferral_reset: int = 0
     restarts: int = 0
+    events: list[SystemEvent] = field(default_factory=list)
+    #: what the application does when told of its update: defer until then
+    defer_when_told: dt.datetime | None = None
 
     async def replace(self, record: InstallRecord | None, component_id: str) -> None:
         self.running.pop(component_id, None)
@@ -108,6 +112,11 @@ class Apps:
 
     def restart_agent(self) -> None:
         self.restarts += 1
+
+    def announce(self, event: SystemEvent) -> None:
+        self.events.append(event)
+        if event.kind is SystemEventKind.UPDATE_PENDING and self.defer_when_told is not None:
+            self.deferred = self.defer_when_told
 
 
 @dataclass
@@ -465,3 +474,40 @@ class RefusingClient:
 
     def report(self, report: VersionReport) -> None:
         self.inner.report(report)
+
+
+async def test_an_application_told_of_its_update_may_defer_it_before_it_starts(device: Device) -> None:
+    client = plan_for(device, "2.0.0")
+    apps = Apps(device.world, defer_when_told=NOON + dt.timedelta(hours=1))
+    settings = UpdaterSettings(
+        state_dir=device.state_dir, apps_dir=device.apps_dir, trial_seconds=0.1, notice_seconds=5
+    )
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    updater = Updater(settings, client, apps, clock=device.clock, sleep=sleep)
+    await updater.check_once()
+    assert [event.kind for event in apps.events] == [SystemEventKind.UPDATE_PENDING]
+    assert apps.events[0].details == {"component_id": COMPONENT, "version": "2.0.0", "notice_seconds": 5}
+    assert slept == [5]
+    assert last_state(client) == [("2.0.0", UpdateState.DEFERRED, "deferred_by_app")]
+    assert client.downloads == 0
+    # once the deferral is over, the update goes on without a second notice
+    apps.deferred = None
+    await updater.check_once()
+    assert [event.kind for event in apps.events] == [
+        SystemEventKind.UPDATE_PENDING,
+        SystemEventKind.UPDATE_STARTED,
+    ]
+    assert slept == [5]
+    assert device.installed_version() == "2.0.0"
+
+
+async def test_a_check_with_nothing_to_install_tells_the_applications_so(device: Device) -> None:
+    client = plan_for(device, "2.0.0")
+    client.plan = Plan(assignment_version=1, deployment_id=None, window=None, images=())
+    apps = Apps(device.world)
+    await device.updater(client, apps).check_once()
+    assert [event.kind for event in apps.events] == [SystemEventKind.NO_UPDATE_AVAILABLE]

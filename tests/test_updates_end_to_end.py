@@ -159,7 +159,9 @@ def install_first_release(
             telemetry_seconds=0, baseline_seconds=0, baseline_sample_seconds=0.1, status_seconds=0.1
         ),
         sandbox=SandboxSettings(restart_initial_backoff_seconds=0.05, restart_max_backoff_seconds=0.1),
-        updates=UpdateSettings(root_file=root_file, product_id=hub.tenant.product.id, trial_seconds=0.6),
+        updates=UpdateSettings(
+            root_file=root_file, product_id=hub.tenant.product.id, trial_seconds=0.6, notice_seconds=0.1
+        ),
     )
     published = base / "test-app-2.1.0.tar"
     if not published.exists():

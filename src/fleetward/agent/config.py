@@ -125,6 +125,9 @@ SCHEMA: dict[str, Key] = {
         "float", 30.0, "an updated application must stay up this long, or it is rolled back", 0.01, 86400
     ),
     "updates.max_image_bytes": Key("int", 64 * 1024 * 1024, "the largest image the agent downloads", 1024),
+    "updates.notice_seconds": Key(
+        "float", 5.0, "an application hears of its update (update_pending) this long before; 0: none", 0, 3600
+    ),
     "sandbox.first_app_uid": Key("int", 200_000, "as root: the first uid given to applications", 1000),
     "sandbox.app_uid_count": Key("int", 1000, "as root: how many uids applications may get", 1),
     "sandbox.network_namespaces": Key("bool", True, "as root: each application in a network namespace"),
@@ -214,6 +217,7 @@ class UpdateSettings:
     poll_seconds: float = 3600.0
     trial_seconds: float = 30.0
     max_image_bytes: int = 64 * 1024 * 1024
+    notice_seconds: float = 5.0
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,13 @@ import httpx
 
 from fleetward.agent.app_api import AppApiServer, AppEndpoint, AppServices
 from fleetward.agent.app_cloud import CloudRouter
-from fleetward.agent.app_services import AppCredentialCopies, DeferralLedger, DirectoryUsage, SystemEvents
+from fleetward.agent.app_services import (
+    AppCredentialCopies,
+    DeferralLedger,
+    DirectoryUsage,
+    SystemEvent,
+    SystemEvents,
+)
 from fleetward.agent.baseline import BaselineCollector
 from fleetward.agent.boot import Boot, measured_boot, open_root_of_trust, root_kind
 from fleetward.agent.config import AgentSettings, SoftwareRoot, UpdateSettings, load_install_records
@@ -159,6 +165,8 @@ class Agent:
             clock=self._clock, path=settings.state_dir / "updates" / "deferrals.json"
         )
         self._update_launcher: Launcher | None = None
+        #: system events for the applications (their update's notices among them)
+        self._events = SystemEvents()
         self.updater: Updater | None = None
         self._router: CloudRouter | None = None
         self._app_services: AppServices | None = None
@@ -548,7 +556,7 @@ class Agent:
                 if isinstance(settings.root_of_trust, SoftwareRoot)
                 else None
             ),
-            events=SystemEvents(),
+            events=self._events,
             deferrals=self._deferrals,
         )
         sockets = settings.state_dir / "sockets"
@@ -642,6 +650,9 @@ class Agent:
     def deferred_until(self, component_id: str) -> dt.datetime | None:
         return self._deferrals.deferred_until(component_id)
 
+    def announce(self, event: SystemEvent) -> None:
+        self._events.publish(event)
+
     def deferral_done(self, component_id: str) -> None:
         self._deferrals.reset(component_id)
 
@@ -708,6 +719,7 @@ class Agent:
                 poll_seconds=updates.poll_seconds,
                 trial_seconds=updates.trial_seconds,
                 agent_sha256=settings.measurement.sha256,
+                notice_seconds=updates.notice_seconds,
             ),
             client,
             self,

@@ -39,6 +39,7 @@ from typing import Protocol
 
 from pydantic import TypeAdapter, ValidationError
 
+from fleetward.agent.app_services import SystemEvent, SystemEventKind
 from fleetward.agent.config import load_install_records, write_private_file
 from fleetward.agent.launch import InstallRecord
 from fleetward.agent.self_update import AGENT_COMPONENT_ID, AGENT_DID_NOT_START, agent_record_dir
@@ -94,6 +95,9 @@ class AppControl(Protocol):
     def restart_agent(self) -> None:
         """Stop the agent cleanly so that it is started again (on the agent image now on trial)."""
 
+    def announce(self, event: SystemEvent) -> None:
+        """Tell the applications that subscribed to system events (``SystemEventNotifications``)."""
+
 
 @dataclass(frozen=True)
 class UpdaterSettings:
@@ -105,6 +109,9 @@ class UpdaterSettings:
     retry_seconds: float = 60.0
     #: the running agent's own measurement SHA-256: it is the agent on trial if its image's is the same
     agent_sha256: str | None = None
+    #: an application's update is announced (``update_pending``) this long before it starts, so that the
+    #: application may defer it; 0: no notice
+    notice_seconds: float = 0.0
 
     @property
     def results_file(self) -> Path:
@@ -149,6 +156,8 @@ class Updater:
         self.checks = 0
         #: the agent was asked to restart on its new image
         self.restarting = False
+        #: (deployment, image) pairs announced to the applications (``update_pending``), once each
+        self._announced: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ the schedule
 
@@ -283,6 +292,8 @@ class Updater:
             self._refusal = None
             self._assignment_version = plan.assignment_version
             self._retry_at = None
+            if not plan.images:
+                self._apps.announce(SystemEvent(SystemEventKind.NO_UPDATE_AVAILABLE))
             for image in plan.images:
                 await self._install(plan, image)
                 if self.restarting:
@@ -315,12 +326,7 @@ class Updater:
                 plan, image, UpdateState.DEFERRED, "outside_window", "outside the maintenance window"
             )
             return
-        until = self._apps.deferred_until(component)
-        if until is not None and until > now:
-            self._defer_until(until)
-            self._result(
-                plan, image, UpdateState.DEFERRED, "deferred_by_app", f"deferred until {until.isoformat()}"
-            )
+        if not agent and await self._deferred_by_app(plan, image):
             return
         slots = await asyncio.to_thread(self._slots, component)
         self._result(plan, image, UpdateState.DOWNLOADING)
@@ -336,6 +342,12 @@ class Updater:
             self._result(plan, image, UpdateState.FAILED, code, str(error))
             logger.error("update of %s to %s failed: %s", component, image.version, error)
             return
+        if not agent:
+            self._apps.announce(
+                SystemEvent(
+                    SystemEventKind.UPDATE_STARTED, {"component_id": component, "version": image.version}
+                )
+            )
         switched = await asyncio.to_thread(slots.switch, deployment, self._clock.now())
         self._result(plan, image, UpdateState.TRIAL, downloaded=downloaded)
         await self._flush()
@@ -366,6 +378,30 @@ class Updater:
             await self._apps.replace(previous, component)
         except LaunchRefused as refused:  # the previous slot passed before; say so if it no longer does
             logger.error("the previous %s does not launch either: %s", component, refused.message)
+
+    async def _deferred_by_app(self, plan: Plan, image: PlannedImage) -> bool:
+        """Whether the application defers its update: announced first (``update_pending``, once per
+        deployment and image), then ``notice_seconds`` for it to call ``update.defer``."""
+        component = image.component_id
+        notice = self.settings.notice_seconds
+        key = (plan.deployment_id or "", image.sha256)
+        if notice > 0 and key not in self._announced:
+            self._announced.add(key)
+            self._apps.announce(
+                SystemEvent(
+                    SystemEventKind.UPDATE_PENDING,
+                    {"component_id": component, "version": image.version, "notice_seconds": int(notice)},
+                )
+            )
+            await self._sleep(notice)
+        until = self._apps.deferred_until(component)
+        if until is None or until <= self._clock.now():
+            return False
+        self._defer_until(until)
+        self._result(
+            plan, image, UpdateState.DEFERRED, "deferred_by_app", f"deferred until {until.isoformat()}"
+        )
+        return True
 
     async def _fetch(self, slots: ComponentSlots, image: PlannedImage) -> Downloaded:
         """The image staged in the inactive slot: the previous package kept there when it is the one (no

@@ -69,6 +69,7 @@ DEMO_AGENT_VALUES: dict[str, object] = {
     "sandbox.restart_max_backoff_seconds": 1.0,
     "sandbox.stop_grace_seconds": 1.0,
     "updates.trial_seconds": 1.0,
+    "updates.notice_seconds": 0.2,
 }
 
 
