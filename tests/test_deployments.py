@@ -1041,3 +1041,35 @@ def test_the_cli_creates_watches_aborts_and_reverts_deployments(
     assert "group reverted" in run("deployment", "revert", group)
     assert json.loads(run("--json", "update", "status", device.device_id))["pending_image_ids"] == [old.id]
     assert "aborted" in run("deployment", "show", second["id"])
+
+
+def test_a_device_not_heard_from_since_its_assignment_is_asked_again_to_check_now(fleet: Fleet) -> None:
+    """A "check now" can be lost (the device reconnecting, the method timing out under load): the tick asks
+    the devices of a rollout that said nothing since their assignment again, every check_now_retry_seconds,
+    and stops once they report."""
+    ids = fleet.claim("Field Test", 3)
+    image = fleet.images.add(fleet.tenant_id, fleet.product_id, "panel", "1.0.0")
+    seconds = [1000.0]
+    service = DeploymentService(
+        fleet.services.database,
+        fleet.clock,
+        fleet.services.settings.limits,
+        fleet.images,
+        monotonic=lambda: seconds[0],
+    )
+    created = service.create(
+        fleet.admin, fleet.tenant_id, fleet.groups["Field Test"].id, [image.id], waves("all")
+    )
+    asyncio.run(service.check_now(FakeNudger()))  # the first ask, as the wave opened
+    service.tick()  # starts counting
+    seconds[0] += 29
+    service.tick()
+    assert asyncio.run(service.check_now(FakeNudger())) == 0, "not yet: 29 s of the 30"
+    fleet.report(sorted(ids)[0], created.id, image, UpdateState.DOWNLOADING)  # this one was heard from
+    seconds[0] += 2
+    service.tick()
+    nudger = FakeNudger()
+    assert asyncio.run(service.check_now(nudger)) == 2
+    assert {device for _tenant, device in nudger.nudged} == set(sorted(ids)[1:])
+    service.tick()
+    assert asyncio.run(service.check_now(FakeNudger())) == 0, "and not again before another 30 s"

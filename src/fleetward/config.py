@@ -89,6 +89,8 @@ class Limits:
     #: "check now" when a wave opens: devices asked at once, and how long each may take to answer
     check_now_concurrency: int = 32
     check_now_timeout_seconds: int = 5
+    #: a device of a rollout not heard from since its assignment is asked to check now again this often
+    check_now_retry_seconds: int = 30
 
     def __post_init__(self) -> None:
         for item in fields(self):

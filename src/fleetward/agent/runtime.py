@@ -416,13 +416,20 @@ class Agent:
         self._status_changed.set()
 
     async def _watch_link(self) -> None:
-        """A connection the hub refuses (CONNACK "not authorized") sends the renewer to the authority."""
+        """A connection the hub refuses (CONNACK "not authorized") sends the renewer to the authority; a
+        reconnection makes the updater look for updates at once."""
         assert self._link is not None
         while not self._link_started:
             await asyncio.sleep(0.05)
         failures = self._link.status.failures
+        connects = self._link.status.connects
         async for link_status in self._link.changes():
             self._status_changed.set()
+            if link_status.connects > connects:
+                connects = link_status.connects
+                if self.updater is not None and connects > 1:
+                    # back after a cut: a "check now" sent meanwhile was lost, look at once
+                    self.updater.check_now()
             if link_status.failures == failures:
                 continue
             failures = link_status.failures

@@ -28,8 +28,9 @@ import datetime as dt
 import json
 import logging
 import threading
+import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, Protocol
@@ -244,9 +245,21 @@ def _state_of(text: str) -> core.DeviceState:
 class DeploymentService:
     """Deployments of device groups, their rollouts, and the director's assignments."""
 
-    def __init__(self, database: Database, clock: Clock, limits: Limits, images: ImageSource) -> None:
+    def __init__(
+        self,
+        database: Database,
+        clock: Clock,
+        limits: Limits,
+        images: ImageSource,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._db = database
         self._clock = clock
+        #: when this process last asked each unheard device to check now (its own clock: a fake clock
+        #: that stands still must not stop the retries)
+        self._monotonic = monotonic
+        self._last_nudged: dict[tuple[str, str], float] = {}
         self._limits = limits
         self._images = images
         self._lock = threading.Lock()
@@ -593,7 +606,44 @@ class DeploymentService:
             aborted += outcome.aborted
             new_members += joined
         self._queue(opened)
+        self._queue(self._unheard(live))
         return TickOutcome(tuple(opened), tuple(completed), tuple(aborted), new_members)
+
+    def _unheard(self, live: Sequence[Row[Any, Any]]) -> list[OpenedWave]:
+        """Devices of rollouts in progress not heard from since they were assigned, asked to check now
+        again every ``check_now_retry_seconds`` (a "check now" can be lost: a device reconnecting, a
+        method timing out under load); the first time this process sees one, it only starts counting."""
+        rolling = [(item.tenant_id, item.id) for item in live]
+        if not rolling:
+            self._last_nudged.clear()
+            return []
+        with self._db.read() as connection:
+            rows = connection.execute(
+                sa.select(
+                    device_updates.c.tenant_id, device_updates.c.device_id, device_updates.c.deployment_id
+                )
+                .where(
+                    device_updates.c.deployment_id.in_([deployment_id for _tenant, deployment_id in rolling]),
+                    device_updates.c.state == core.DeviceState.ASSIGNED.value,
+                )
+                .limit(self._limits.check_now_concurrency * 8)
+            ).all()
+        now = self._monotonic()
+        retry = self._limits.check_now_retry_seconds
+        due: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
+        with self._lock:
+            waiting = {(row.tenant_id, row.device_id) for row in rows}
+            self._last_nudged = {key: at for key, at in self._last_nudged.items() if key in waiting}
+            for row in rows:
+                key = (row.tenant_id, row.device_id)
+                last = self._last_nudged.setdefault(key, now)
+                if now - last >= retry:
+                    self._last_nudged[key] = now
+                    due[(row.tenant_id, row.deployment_id)].append(row.device_id)
+        return [
+            OpenedWave(tenant_id, deployment_id, -1, tuple(device_ids))
+            for (tenant_id, deployment_id), device_ids in due.items()
+        ]
 
     def _judge(self, tenant_id: str, deployment_id: str, now: dt.datetime) -> TickOutcome:
         """One rollout: judge it (reading), then, unless it holds, judge it again and act in one write
