@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -137,7 +138,7 @@ class Fleet:
 
 def install_first_release(
     base: Path,
-    name: str,
+    number: int,
     hub: HubSetup,
     publisher: ec.EllipticCurvePrivateKey,
     release: bytes,
@@ -145,7 +146,7 @@ def install_first_release(
 ) -> AgentSettings:
     """A device's state directory with the first release installed the way ``fleetward agent app
     install`` does it (outside the slots), and update settings pointing at the tenant's repository."""
-    state = base / name
+    state = base / f"device-{number}"
     state.mkdir(mode=0o711)
     settings = AgentSettings(
         state_dir=state,
@@ -158,7 +159,14 @@ def install_first_release(
         intervals=Intervals(
             telemetry_seconds=0, baseline_seconds=0, baseline_sample_seconds=0.1, status_seconds=0.1
         ),
-        sandbox=SandboxSettings(restart_initial_backoff_seconds=0.05, restart_max_backoff_seconds=0.1),
+        # each device's applications get uids of their own: stopping an application ends every process of
+        # its uid, and these agents share a machine (and may share it with another test run)
+        sandbox=SandboxSettings(
+            restart_initial_backoff_seconds=0.05,
+            restart_max_backoff_seconds=0.1,
+            first_app_uid=500_000 + (os.getpid() % 1000) * 100 + number * 10,
+            app_uid_count=10,
+        ),
         updates=UpdateSettings(
             root_file=root_file, product_id=hub.tenant.product.id, trial_seconds=0.6, notice_seconds=0.1
         ),
@@ -184,7 +192,7 @@ async def fleet_of(hub: HubSetup, base: Path, clock: FakeClock, size: int) -> As
         agents = []
         for number in range(size):
             name = f"device-{number}"
-            settings = install_first_release(base, name, hub, publisher, release, root_file)
+            settings = install_first_release(base, number, hub, publisher, release, root_file)
             root = SoftwareRootOfTrust.load_or_create(settings.state_dir / "identity.key")
             hub.tenant.claim(SimulatedDevice(name, (), root_of_trust=root))
             agents.append(await stack.enter_async_context(Agent(settings, clock=clock)))
