@@ -20,9 +20,11 @@ import aiomqtt
 import httpx
 import pytest
 import sqlalchemy as sa
+from typer.testing import CliRunner
 
 from fleetward.api import schemas
 from fleetward.authority.keystore import MasterKeyStore
+from fleetward.cli.main import app as cli_app
 from fleetward.client import FleetwardClient
 from fleetward.clock import FakeClock
 from fleetward.compose import Services, build_services
@@ -284,6 +286,33 @@ class HubSetup:
 
     def hub_events(self, **params: str | int) -> list[schemas.EventPublic]:
         return [event for event in self.tenant.events(limit=1000, **params) if event.kind == "hub"]
+
+    def agent_init_args(
+        self, publisher_file: Path, *, authority_url: str | None = None, hub_port: int | None = None
+    ) -> list[str]:
+        """``fleetward agent init`` with what points an agent at this server and hub (or at the given
+        addresses: a proxy in front of them, say)."""
+        return [
+            "init",
+            "--authority-url",
+            authority_url or self.server.url,
+            "--hub-host",
+            "127.0.0.1",
+            "--hub-port",
+            str(hub_port or self.hub_port),
+            "--ca-file",
+            str(self.tls.ca_file),
+            "--publisher-key",
+            str(publisher_file),
+        ]
+
+
+def agent_cli(state: Path, *args: str) -> None:
+    """``fleetward agent <args> --state-dir <state>`` in this process, as an operator runs it, without the
+    test run's own ``FLEETWARD_*`` variables."""
+    environment: dict[str, str | None] = {name: None for name in os.environ if name.startswith("FLEETWARD_")}
+    result = CliRunner().invoke(cli_app, ["agent", *args, "--state-dir", str(state)], env=environment)
+    assert result.exit_code == 0, result.output
 
 
 @pytest.fixture

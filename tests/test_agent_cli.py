@@ -238,22 +238,7 @@ def publisher(base: Path) -> tuple[ec.EllipticCurvePrivateKey, Path]:
 
 
 def init(cli: AgentCli, hub: HubSetup, publisher_file: Path, *extra: str) -> dict[str, object]:
-    shown = cli.json(
-        "init",
-        "--state-dir",
-        str(cli.state),
-        "--authority-url",
-        hub.server.url,
-        "--hub-host",
-        "127.0.0.1",
-        "--hub-port",
-        str(hub.hub_port),
-        "--ca-file",
-        str(hub.tls.ca_file),
-        "--publisher-key",
-        str(publisher_file),
-        *extra,
-    )
+    shown = cli.json(*hub.agent_init_args(publisher_file), "--state-dir", str(cli.state), *extra)
     assert isinstance(shown, dict)
     return shown
 

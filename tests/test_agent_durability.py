@@ -47,7 +47,6 @@ from typing import IO, Any, TypeVar
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from typer.testing import CliRunner
 
 from fleetward.agent.manifest import Capabilities, Manifest
 from fleetward.agent.outbox import DROPPED, Outbox, OutboxStats
@@ -55,13 +54,12 @@ from fleetward.agent.package import build_package, sign_package
 from fleetward.agent.rot import SoftwareRootOfTrust
 from fleetward.agent.status import AgentStatus, read_status
 from fleetward.api import schemas
-from fleetward.cli.main import app as cli_app
 from fleetward.config import Limits
 from fleetward.server import free_port
 from fleetward.sim.agents import script, with_appkit
 from fleetward.sim.fleet import SimulatedDevice
 from tests.agent_apps import reachable_directory
-from tests.conftest import HubSetup
+from tests.conftest import HubSetup, agent_cli
 
 T = TypeVar("T")
 
@@ -365,18 +363,11 @@ class Probe:
             )
         )
         authority_port, hub_port = self.network.ports
-        self.cli(
-            "init",
-            "--authority-url",
-            f"https://127.0.0.1:{authority_port}",
-            "--hub-host",
-            "127.0.0.1",
-            "--hub-port",
-            str(hub_port),
-            "--ca-file",
-            str(self.hub.tls.ca_file),
-            "--publisher-key",
-            str(publisher_file),
+        agent_cli(
+            self.state,
+            *self.hub.agent_init_args(
+                publisher_file, authority_url=f"https://127.0.0.1:{authority_port}", hub_port=hub_port
+            ),
         )
         self.hub.tenant.claim(SimulatedDevice("probe", (), root_of_trust=self._root()))
         manifest = Manifest(
@@ -390,7 +381,9 @@ class Probe:
         package_file.write_bytes(package)
         package_file.with_name("probe.tar.sig").write_bytes(sign_package(publisher, package))
         digest = hashlib.sha256(package).hexdigest()
-        self.cli("app", "install", str(package_file), "--sha256", digest, "--version", PROBE_VERSION)
+        agent_cli(
+            self.state, "app", "install", str(package_file), "--sha256", digest, "--version", PROBE_VERSION
+        )
         self.hub.tenant.client.post(
             f"/v1/tenants/{self.hub.tenant.id}/reference-values",
             schemas.ReferenceValuesAdd(
@@ -405,15 +398,6 @@ class Probe:
             ),
             schemas.ReferenceValuesAdded,
         )
-
-    def cli(self, *args: str) -> None:
-        environment: dict[str, str | None] = {
-            name: None for name in os.environ if name.startswith("FLEETWARD_")
-        }
-        result = CliRunner().invoke(
-            cli_app, ["agent", *args, "--state-dir", str(self.state)], env=environment
-        )
-        assert result.exit_code == 0, result.output
 
     # --- the agent's process
 

@@ -38,6 +38,7 @@ from fleetward.sim.agents import PANEL_MONITOR, panel_monitor_package
 from fleetward.sim.fleet import SimulatedDevice, measurement
 from tests.agent_apps import COMPONENT, app_interpreter, reachable_directory
 from tests.conftest import AGENT, HubSetup, healthy_software
+from tests.waiting import eventually
 
 T = TypeVar("T")
 
@@ -51,18 +52,6 @@ def database_url(tmp_path: Path) -> str:
 def base() -> Iterator[Path]:
     with reachable_directory() as path:
         yield path
-
-
-async def eventually(check: Callable[[], Awaitable[T | None]], *, timeout: float = 15.0, what: str = "") -> T:
-    """Poll ``check`` until it returns something truthy."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        await asyncio.sleep(0.05)
 
 
 @dataclass

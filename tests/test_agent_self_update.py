@@ -20,14 +20,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from typer.testing import CliRunner
 
 import fleetward
 from fleetward.agent.rot import SoftwareRootOfTrust
@@ -35,12 +34,12 @@ from fleetward.agent.self_update import AGENT_COMPONENT_ID, RESTART_EXIT_CODE, b
 from fleetward.agent.status import AgentStatus, read_status
 from fleetward.api import schemas
 from fleetward.api.routes_deployments import DeviceUpdatePublic
-from fleetward.cli.main import app as cli_app
 from fleetward.sim.fleet import SimulatedDevice
 from fleetward.sim.updates import UpdateOperator
 from fleetward.wire.updates import ImageKind
 from tests.agent_apps import reachable_directory
-from tests.conftest import HubSetup
+from tests.conftest import HubSetup, agent_cli
+from tests.waiting import wait_for
 
 T = TypeVar("T")
 
@@ -57,17 +56,6 @@ def database_url(tmp_path: Path) -> str:
 def base() -> Iterator[Path]:
     with reachable_directory() as path:
         yield path
-
-
-def eventually(check: Callable[[], T | None], what: str, timeout: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def broken_image(base: Path) -> bytes:
@@ -153,28 +141,7 @@ def test_the_agent_installs_its_own_image_and_a_broken_one_is_rolled_back_by_boo
         ),
         schemas.ReferenceValuesAdded,
     )
-    environment: dict[str, str | None] = {name: None for name in os.environ if name.startswith("FLEETWARD_")}
-    result = CliRunner().invoke(
-        cli_app,
-        [
-            "agent",
-            "init",
-            "--state-dir",
-            str(state),
-            "--authority-url",
-            hub.server.url,
-            "--hub-host",
-            "127.0.0.1",
-            "--hub-port",
-            str(hub.hub_port),
-            "--ca-file",
-            str(hub.tls.ca_file),
-            "--publisher-key",
-            str(publisher_file),
-        ],
-        env=environment,
-    )
-    assert result.exit_code == 0, result.output
+    agent_cli(state, *hub.agent_init_args(publisher_file))
     root = SoftwareRootOfTrust.load_or_create(state / "identity.key")
     device = SimulatedDevice("self-update", (), root_of_trust=root)
     hub.tenant.claim(device, group=GROUP)
@@ -201,25 +168,28 @@ def test_the_agent_installs_its_own_image_and_a_broken_one_is_rolled_back_by_boo
         return found if found.state == "installed" else None
 
     with Systemd(env, base) as systemd:
-        eventually(lambda: running(state, "0.0.0"), "the installed agent to run")
+        wait_for(lambda: running(state, "0.0.0"), "the installed agent to run", timeout=60)
 
         broken = operator.publish(broken_image(base), "1.0.0", ImageKind.AGENT)
         assert broken.component_id == AGENT_COMPONENT_ID
         deployment = operator.deploy(group_id, [broken])
-        rolled_back = eventually(aborted, "the director to hear of the rollback")
+        rolled_back = wait_for(aborted, "the director to hear of the rollback", timeout=60)
         assert "rolled_back (agent_did_not_start)" in rolled_back.message
         assert operator.deployment(deployment.id).waves[0].rolled_back == 1
         assert RESTART_EXIT_CODE in systemd.exits  # the agent restarted on the broken image
-        status = eventually(lambda: running(state, "0.0.0"), "the installed agent to run again")
+        status = wait_for(lambda: running(state, "0.0.0"), "the installed agent to run again", timeout=60)
         assert status.agent_sha256 == AGENT_SHA256
         assert not (state / "agent-image" / f"{AGENT_COMPONENT_ID}.toml").exists()
 
         image = build_agent_image()
         good = operator.publish(image, "1.1.0", ImageKind.AGENT)
         operator.deploy(group_id, [good])
-        status = eventually(lambda: running(state, "1.1.0"), "the new agent to run from its slot")
+        status = wait_for(lambda: running(state, "1.1.0"), "the new agent to run from its slot", timeout=60)
         assert status.agent_sha256 == hashlib.sha256(image).hexdigest()
-        assert eventually(installed, "the director to see the agent installed").deployment_id is not None
+        assert (
+            wait_for(installed, "the director to see the agent installed", timeout=60).deployment_id
+            is not None
+        )
         last = read_status(state / "status.json")
         assert last is not None
         assert last.certificate is not None

@@ -19,7 +19,7 @@ import contextlib
 import functools
 import hashlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
@@ -48,6 +48,7 @@ from fleetward.sim.fleet import SimulatedDevice, measurement
 from fleetward.sim.updates import UpdateOperator
 from tests.agent_apps import COMPONENT, app_interpreter, reachable_directory
 from tests.conftest import AGENT, HubSetup
+from tests.waiting import eventually
 
 T = TypeVar("T")
 
@@ -93,17 +94,6 @@ def package(body: str, version: str) -> bytes:
     manifest = Manifest(name="test-app", component_id=COMPONENT, entry_point="bin/app")
     script = f"#!{app_interpreter(own_user=True)}\n{body.format(version=version).strip()}\n"
     return build_package(manifest, {"bin/app": script.encode()})
-
-
-async def eventually(check: Callable[[], Awaitable[T | None]], what: str, timeout: float = 30.0) -> T:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @dataclass
@@ -198,7 +188,9 @@ async def fleet_of(hub: HubSetup, base: Path, clock: FakeClock, size: int) -> As
             agents.append(await stack.enter_async_context(Agent(settings, clock=clock)))
         fleet = Fleet(hub, base, clock, operator, root_file, first, agents)
         for agent in agents:
-            await eventually(functools.partial(fleet.running, "2.1.0", agent), "the agents to run 2.1.0")
+            await eventually(
+                functools.partial(fleet.running, "2.1.0", agent), what="the agents to run 2.1.0", timeout=30
+            )
         yield fleet
 
 
@@ -233,7 +225,9 @@ async def test_a_release_that_fails_its_trial_aborts_in_the_first_wave_and_a_goo
         assert completed.state == "current", completed.reason
         assert [wave.installed for wave in completed.waves] == [1, 2]
         for agent in fleet.agents:
-            await eventually(functools.partial(fleet.running, "2.3.0", agent), "2.3.0 to run")
+            await eventually(
+                functools.partial(fleet.running, "2.3.0", agent), what="2.3.0 to run", timeout=30
+            )
         statuses = [await asyncio.to_thread(operator.device, agent.device_id) for agent in fleet.agents]
         assert {status.state for status in statuses} == {"installed"}
         # each device fetched a delta from the release it ran, not the whole image
@@ -271,7 +265,9 @@ async def test_crashes_after_an_install_abort_the_rollout_and_the_updated_device
         ]
         soaking = await operator.follow(deployment.id, until=frozenset({"rolling_out"}))
         await eventually(
-            lambda: _installed(operator, updated.device_id, deployment.id), "the first wave to install"
+            lambda: _installed(operator, updated.device_id, deployment.id),
+            what="the first wave to install",
+            timeout=30,
         )
         fleet.clock.advance(60)  # the crash rate is per device-hour: let some time pass
         aborted = await operator.follow(deployment.id)
@@ -279,7 +275,9 @@ async def test_crashes_after_an_install_abort_the_rollout_and_the_updated_device
         assert "crash reports" in aborted.reason
         assert soaking.waves_opened == aborted.waves_opened == 1
         # the device the rollout reached is assigned the previous deployment again, and installs it
-        await eventually(functools.partial(fleet.running, "2.1.0", updated), "the rollback to 2.1.0")
+        await eventually(
+            functools.partial(fleet.running, "2.1.0", updated), what="the rollback to 2.1.0", timeout=30
+        )
         status = await asyncio.to_thread(operator.device, updated.device_id)
         assert status.deployment_id == baseline.id
         assert await fleet.versions() == ["2.1.0", "2.1.0"]

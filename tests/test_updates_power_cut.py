@@ -15,15 +15,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from typer.testing import CliRunner
 
 from fleetward.agent.config import read_install_record
 from fleetward.agent.manifest import Manifest
@@ -32,11 +30,11 @@ from fleetward.agent.rot import SoftwareRootOfTrust
 from fleetward.agent.status import AgentStatus, read_status
 from fleetward.api import schemas
 from fleetward.api.routes_deployments import DeviceUpdatePublic
-from fleetward.cli.main import app as cli_app
 from fleetward.sim.fleet import SimulatedDevice
 from fleetward.sim.updates import UpdateOperator
 from tests.agent_apps import COMPONENT, app_interpreter, reachable_directory
-from tests.conftest import HubSetup
+from tests.conftest import HubSetup, agent_cli
+from tests.waiting import wait_for
 
 T = TypeVar("T")
 
@@ -58,17 +56,6 @@ def database_url(tmp_path: Path) -> str:
 def base() -> Iterator[Path]:
     with reachable_directory() as path:
         yield path
-
-
-def eventually(check: Callable[[], T | None], what: str, timeout: float = 30.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def package(version: str) -> bytes:
@@ -111,30 +98,11 @@ def test_an_agent_killed_during_a_trial_starts_the_previous_version_and_reports_
         schemas.ReferenceValuesAdded,
     )
 
-    def cli(*args: str) -> None:
-        environment: dict[str, str | None] = {
-            name: None for name in os.environ if name.startswith("FLEETWARD_")
-        }
-        result = CliRunner().invoke(cli_app, ["agent", *args, "--state-dir", str(state)], env=environment)
-        assert result.exit_code == 0, result.output
-
-    cli(
-        "init",
-        "--authority-url",
-        hub.server.url,
-        "--hub-host",
-        "127.0.0.1",
-        "--hub-port",
-        str(hub.hub_port),
-        "--ca-file",
-        str(hub.tls.ca_file),
-        "--publisher-key",
-        str(publisher_file),
-    )
+    agent_cli(state, *hub.agent_init_args(publisher_file))
     (base / "app-1.0.0.tar").write_bytes(first)
     (base / "app-1.0.0.tar.sig").write_bytes(sign_package(publisher, first))
     sha256 = hashlib.sha256(first).hexdigest()
-    cli("app", "install", str(base / "app-1.0.0.tar"), "--sha256", sha256, "--version", "1.0.0")
+    agent_cli(state, "app", "install", str(base / "app-1.0.0.tar"), "--sha256", sha256, "--version", "1.0.0")
     root = SoftwareRootOfTrust.load_or_create(state / "identity.key")
     device = SimulatedDevice("power-cut", (), root_of_trust=root)
     hub.tenant.claim(device)
@@ -172,19 +140,19 @@ def test_an_agent_killed_during_a_trial_starts_the_previous_version_and_reports_
 
     try:
         agent = start(1)
-        eventually(lambda: running(state, "1.0.0", agent), "1.0.0 to run")
+        wait_for(lambda: running(state, "1.0.0", agent), "1.0.0 to run")
         second = operator.publish(package("2.0.0"), "2.0.0")
         deployment = operator.deploy(hub.tenant.groups["Field Test"].id, [second])
-        eventually(lambda: operator.device(device.device_id).state == "trial", "the trial to begin")
+        wait_for(lambda: operator.device(device.device_id).state == "trial", "the trial to begin")
         assert read_install_record(state / "apps" / f"{COMPONENT}.toml").version == "2.0.0"
 
         agent.send_signal(signal.SIGKILL)  # the power cut
         agent.wait()
 
         restarted = start(2)
-        eventually(lambda: running(state, "1.0.0", restarted), "1.0.0 to run again after the cut", timeout=60)
+        wait_for(lambda: running(state, "1.0.0", restarted), "1.0.0 to run again after the cut", timeout=60)
         assert read_install_record(state / "apps" / f"{COMPONENT}.toml").version == "1.0.0"
-        status = eventually(aborted_on_device, "the director to hear of it")
+        status = wait_for(aborted_on_device, "the director to hear of it")
         assert "rolled_back (interrupted)" in status.message
         aborted = operator.deployment(deployment.id)
         assert aborted.state == "aborted"
