@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from securesystemslib.signer import CryptoSigner, SSlibKey
 
 from fleetward.agent.manifest import parse_manifest
@@ -90,17 +91,13 @@ def load_public_key_pem(path: Path) -> str:
         public = serialization.load_pem_public_key(data)
     except ValueError:
         public = load_private_key(path).public_key()
+    return _pem(public)
+
+
+def _pem(public: PublicKeyTypes) -> str:
     return public.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     ).decode("ascii")
-
-
-def _public_pem(key: ec.EllipticCurvePrivateKey) -> str:
-    return (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode("ascii")
-    )
 
 
 @key_app.command("create")
@@ -203,7 +200,9 @@ def repo_init(
     it here (at least THRESHOLD of them), and the signed root is uploaded. Refused once the repository
     has a root: `repo rotate-root` changes it."""
     keys = [load_private_key(path, passphrase_env) for path in root_key]
-    publics = [_public_pem(key) for key in keys] + [load_public_key_pem(p) for p in root_public_key or []]
+    publics = [_pem(key.public_key()) for key in keys] + [
+        load_public_key_pem(p) for p in root_public_key or []
+    ]
     _propose_sign_upload(context, tenant, publics, keys, threshold, rotate_online=False, rotation=False)
 
 
@@ -231,7 +230,9 @@ def repo_rotate_root(
     """Replace the root: signed by the current root's threshold and by the new root's threshold."""
     old = [load_private_key(path, passphrase_env) for path in root_key]
     new = [load_private_key(path, passphrase_env) for path in new_root_key]
-    publics = [_public_pem(key) for key in new] + [load_public_key_pem(p) for p in new_root_public_key or []]
+    publics = [_pem(key.public_key()) for key in new] + [
+        load_public_key_pem(p) for p in new_root_public_key or []
+    ]
     _propose_sign_upload(context, tenant, publics, [*old, *new], threshold, rotate_online, rotation=True)
 
 

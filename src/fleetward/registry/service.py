@@ -673,14 +673,7 @@ class RegistryService:
 
     @staticmethod
     def _group_in(connection: Connection, tenant_id: str, group_id: str) -> DeviceGroup:
-        row = connection.execute(
-            sa.select(device_groups).where(
-                device_groups.c.tenant_id == tenant_id, device_groups.c.id == group_id
-            )
-        ).first()
-        if row is None:
-            raise NotFound("no such device group in this tenant", code="device_group_not_found")
-        return _group(row)
+        return group_in(connection, tenant_id, group_id)
 
     def update_group(
         self,
@@ -1035,6 +1028,16 @@ class RegistryService:
     ) -> None:
         if connection.execute(statement).first() is not None:
             raise Conflict(message, code=code)
+
+
+def group_in(connection: Connection, tenant_id: str, group_id: str) -> DeviceGroup:
+    """The device group ``group_id`` of ``tenant_id``; ``NotFound`` whether it is unknown or another's."""
+    row = connection.execute(
+        sa.select(device_groups).where(device_groups.c.tenant_id == tenant_id, device_groups.c.id == group_id)
+    ).first()
+    if row is None:
+        raise NotFound("no such device group in this tenant", code="device_group_not_found")
+    return _group(row)
 
 
 def device_in(connection: Connection, tenant_id: str, device_id: str) -> Device:

@@ -45,6 +45,7 @@ from fleetward.config import Limits
 from fleetward.errors import Conflict, FleetwardError, InvalidInput, NotFound
 from fleetward.registry.access import Principal
 from fleetward.registry.models import DeviceGroup, DeviceStatus, OsFeed, Scope, UpdatePolicy
+from fleetward.registry.service import group_in
 from fleetward.store import events as event_log
 from fleetward.store.database import Database
 from fleetward.store.events import Event, Severity
@@ -71,6 +72,8 @@ UNHEALTHY_KINDS = ("crash_loop", "launch_refused")
 MAX_PENDING_NUDGES = 1024
 #: signed assignments each process keeps
 ASSIGNMENT_CACHE = 4096
+#: images each process keeps (an image never changes once published)
+IMAGE_CACHE = 4096
 UNASSIGNED = "unassigned"
 #: the longest message kept for a device's update state
 MAX_MESSAGE_CHARS = 2048
@@ -221,20 +224,6 @@ def _new_id() -> str:
     return str(uuid.uuid4())
 
 
-def _group(row: Row[Any]) -> DeviceGroup:
-    return DeviceGroup(
-        id=row.id,
-        tenant_id=row.tenant_id,
-        product_id=row.product_id,
-        name=row.name,
-        description=row.description,
-        update_policy=UpdatePolicy(row.update_policy),
-        os_feed=OsFeed(row.os_feed),
-        allow_crash_dumps=row.allow_crash_dumps,
-        created_at=row.created_at,
-    )
-
-
 def _state_of(text: str) -> core.DeviceState:
     try:
         return core.DeviceState(text)
@@ -267,6 +256,7 @@ class DeploymentService:
         self._signed: collections.OrderedDict[tuple[object, ...], tuple[bytes, dt.datetime]] = (
             collections.OrderedDict()
         )
+        self._image_cache: collections.OrderedDict[tuple[str, str], Image] = collections.OrderedDict()
         # reports judge a rollout at most once per interval: when each was last judged, and those reported
         # on since (judged by :meth:`judge_reported` once their interval is over, or by the tick)
         self._judge_interval = dt.timedelta(milliseconds=limits.rollout_judge_interval_milliseconds)
@@ -299,10 +289,10 @@ class DeploymentService:
             raise InvalidInput("a deployment names at least one image", code="no_images")
         if len(wanted) > MAX_COMPONENTS:
             raise InvalidInput(f"a deployment names at most {MAX_COMPONENTS} images", code="too_many_images")
-        found = [self._images.image(tenant_id, image_id) for image_id in wanted]
+        found = self._images_of(tenant_id, wanted)
         now = self._clock.now()
         with self._db.write() as connection:
-            group = self._group_in(connection, tenant_id, group_id)
+            group = group_in(connection, tenant_id, group_id)
             self._check_images(connection, group, found)
             if self._latest(connection, group.id, DeploymentState.ROLLING_OUT) is not None:
                 raise Conflict(
@@ -409,7 +399,7 @@ class DeploymentService:
         limit = max(1, min(limit, self._limits.max_list_items))
         now = self._clock.now()
         with self._db.read() as connection:
-            group = self._group_in(connection, tenant_id, group_id)
+            group = group_in(connection, tenant_id, group_id)
             rows = connection.execute(
                 sa.select(deployments)
                 .where(deployments.c.tenant_id == tenant_id, deployments.c.group_id == group.id)
@@ -447,7 +437,7 @@ class DeploymentService:
         principal.require(tenant_id, Scope.WRITE)
         now = self._clock.now()
         with self._db.write() as connection:
-            group = self._group_in(connection, tenant_id, group_id)
+            group = group_in(connection, tenant_id, group_id)
             newest = self._latest(connection, group.id, DeploymentState.ROLLING_OUT) or self._latest(
                 connection, group.id, DeploymentState.CURRENT
             )
@@ -545,7 +535,7 @@ class DeploymentService:
         have = {(component, sha256) for component, _version, sha256 in running}
         pending = tuple(
             image.id
-            for image in (self._images.image(tenant_id, image_id) for image_id in image_ids)
+            for image in self._images_of(tenant_id, image_ids)
             if (image.component_id, image.sha256) not in have
         )
         if row is None:
@@ -765,7 +755,7 @@ class DeploymentService:
         reason: str,
         now: dt.datetime,
     ) -> None:
-        final = record.final or self._counts(connection, row, record, now)
+        final = self._counts(connection, row, record, now)
         ended = replace(record, revision=record.revision + 1, final=final)
         self._swap(connection, row, ended, reason, now, state=state)
 
@@ -989,9 +979,7 @@ class DeploymentService:
             if found is None:
                 return None
         deployment, version, group = found
-        images = core.assignable(
-            [self._images.image(device.tenant_id, i) for i in deployment.image_ids], group
-        )
+        images = core.assignable(self._images_of(device.tenant_id, deployment.image_ids), group)
         if not images:
             return None
         key = (device.device_id, deployment.id, version, tuple(image.id for image in images))
@@ -1040,7 +1028,7 @@ class DeploymentService:
             row = self._row(connection, device.tenant_id, found.deployment_id)
             if row.group_id != found.group_id:
                 return None
-            group = self._group_in(connection, device.tenant_id, row.group_id)
+            group = group_in(connection, device.tenant_id, row.group_id)
             return self._deployment(connection, row, None), int(found.assignment_version), group
 
     def _welcome_device(self, device: UpdatingDevice, now: dt.datetime) -> None:
@@ -1100,9 +1088,9 @@ class DeploymentService:
             if deployment_id is not None:
                 deployment = self._row(connection, device.tenant_id, deployment_id)
                 rolling = deployment.state == DeploymentState.ROLLING_OUT.value
-                group = self._group_in(connection, device.tenant_id, deployment.group_id)
+                group = group_in(connection, device.tenant_id, deployment.group_id)
                 wanted = core.assignable(
-                    [self._images.image(device.tenant_id, i) for i in json.loads(deployment.image_ids)], group
+                    self._images_of(device.tenant_id, json.loads(deployment.image_ids)), group
                 )
                 refusal = report.refusal if rolling else None
                 assigned_at: dt.datetime | None = row.assigned_at
@@ -1197,15 +1185,21 @@ class DeploymentService:
 
     # ---------------------------------------------------------------- reading
 
-    def _group_in(self, connection: Connection, tenant_id: str, group_id: str) -> DeviceGroup:
-        row = connection.execute(
-            sa.select(device_groups).where(
-                device_groups.c.tenant_id == tenant_id, device_groups.c.id == group_id
-            )
-        ).first()
-        if row is None:
-            raise NotFound("no such device group in this tenant", code="device_group_not_found")
-        return _group(row)
+    def _images_of(self, tenant_id: str, image_ids: Iterable[str]) -> list[Image]:
+        """The images, read once per process: an image never changes once published."""
+        found: list[Image] = []
+        for image_id in image_ids:
+            key = (tenant_id, image_id)
+            with self._lock:
+                image = self._image_cache.get(key)
+            if image is None:
+                image = self._images.image(tenant_id, image_id)
+                with self._lock:
+                    self._image_cache[key] = image
+                    while len(self._image_cache) > IMAGE_CACHE:
+                        self._image_cache.popitem(last=False)
+            found.append(image)
+        return found
 
     @staticmethod
     def _row(connection: Connection, tenant_id: str, deployment_id: str) -> Row[Any]:
