@@ -656,6 +656,15 @@ def render_agent_toml(values: Mapping[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sync_directory(directory: Path) -> None:
+    """``fsync`` a directory, so that a rename or a new file in it survives a power cut."""
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def write_private_file(path: Path, text: str | bytes, *, mode: int = 0o600) -> None:
     """Write ``path`` whole, atomically (a temporary file, fsync, rename), with ``mode``."""
     data = text.encode("utf-8") if isinstance(text, str) else text

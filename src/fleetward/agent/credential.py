@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pydantic import ValidationError
 
+from fleetward.agent.config import sync_directory
 from fleetward.agent.enroll import OperationalCredential
 from fleetward.errors import ConfigurationError
 from fleetward.wire.evidence import EnrollmentResponse
@@ -131,7 +132,7 @@ class StagedCredential:
     def commit(self) -> None:
         """Put the credential in place (one atomic rename), then make the rename durable."""
         os.replace(self.temporary, self._target)
-        _sync_directory(self._target.parent)
+        sync_directory(self._target.parent)
 
     def discard(self) -> None:
         self.temporary.unlink(missing_ok=True)
@@ -196,11 +197,3 @@ class CredentialFile:
         for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
-
-
-def _sync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -817,14 +817,7 @@ class Agent:
         credential = self._renewer.credential if self._renewer is not None else None
         certificate = None
         if credential is not None and self._renewer is not None:
-            issued = credential.issued
-            certificate = CertificateStatus(
-                serial=issued.serial,
-                tenant_id=issued.tenant_id,
-                not_before=issued.not_before,
-                not_after=issued.not_after,
-                renew_at=self._renewer.state.renew_at,
-            )
+            certificate = CertificateStatus.of(credential.issued, self._renewer.state.renew_at)
         outbox = OutboxState()
         if self._outbox is not None:
             with contextlib.suppress(FleetwardError):

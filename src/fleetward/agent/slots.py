@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from fleetward.agent.config import read_install_record, render_install_record
+from fleetward.agent.config import read_install_record, render_install_record, sync_directory
 from fleetward.agent.launch import InstallRecord
 from fleetward.agent.package import PackageLimits, remove_tree
 from fleetward.errors import ConfigurationError, Conflict
@@ -314,7 +314,7 @@ class ComponentSlots:
                 os.fsync(descriptor)
             finally:
                 os.close(descriptor)
-            _sync_directory(partial.parent)
+            sync_directory(partial.parent)
         return DownloadTarget(path=partial, offset=0, slot=slot)
 
     def stage(self, sha256: str, version: str, signature: bytes) -> StagedPackage:
@@ -343,7 +343,7 @@ class ComponentSlots:
         _replace_file(directory / SIGNATURE_NAME, signature, "stage.signature", self._hook)
         with self._step("stage.rename"):
             os.replace(partial, directory / PACKAGE_NAME)
-            _sync_directory(directory)
+            sync_directory(directory)
         staged = StagedPackage(slot=pending.slot, sha256=sha256, version=version)
         self._write_state(dataclasses.replace(state, download=None, staged=staged), "stage.state")
         return staged
@@ -448,7 +448,7 @@ class ComponentSlots:
             if failed is not None:
                 self._roll_back(state, failed.failure or INTERRUPTED)
                 cleaned.append(f"rolled back the trial of {trial.version} ({failed.failure})")
-                state = self.state()
+                state = SlotState()  # what the rollback left in state.json
             else:
                 state = dataclasses.replace(state, trial=None)
                 cleaned.append(
@@ -492,7 +492,7 @@ class ComponentSlots:
                     removed = True
                     cleaned.append(f"removed {slot}/{entry.name}, which nothing names")
             if removed:
-                _sync_directory(directory)
+                sync_directory(directory)
         return Recovery(active=active, failed=failed, cleaned=tuple(cleaned), recovered_at=now)
 
     # --- the durable steps
@@ -509,7 +509,7 @@ class ComponentSlots:
         elif self.record_file.exists():
             with self._step("rollback.record"):
                 self.record_file.unlink()
-                _sync_directory(self.apps_dir)
+                sync_directory(self.apps_dir)
         self._write_state(SlotState(), "rollback.clear")
         if self.slot_of(previous) != trial.slot:
             with self._step("rollback.discard"):
@@ -635,7 +635,7 @@ def _replace_file(path: Path, data: bytes, step: str, hook: StepHook) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    _sync_directory(path.parent)
+    sync_directory(path.parent)
     hook(step, "after")
 
 
@@ -646,14 +646,14 @@ def _make_directory(directory: Path) -> None:
     _make_directory(directory.parent)
     with contextlib.suppress(FileExistsError):
         directory.mkdir(mode=0o700)
-    _sync_directory(directory.parent)
+    sync_directory(directory.parent)
 
 
 def _empty(directory: Path) -> None:
     """Remove everything in ``directory`` and make the removal durable."""
     for entry in directory.iterdir():
         remove_tree(entry)
-    _sync_directory(directory)
+    sync_directory(directory)
 
 
 def _size(path: Path) -> int | None:
@@ -661,11 +661,3 @@ def _size(path: Path) -> int | None:
         return path.stat().st_size
     except FileNotFoundError:
         return None
-
-
-def _sync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

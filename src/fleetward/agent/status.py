@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fleetward.agent.config import write_private_file
 from fleetward.errors import ConfigurationError
+from fleetward.wire.evidence import EnrollmentResponse
 
 MAX_STATUS_BYTES = 1024 * 1024
 
@@ -45,6 +46,17 @@ class CertificateStatus(_Record):
     not_before: dt.datetime
     not_after: dt.datetime
     renew_at: dt.datetime | None = None
+
+    @classmethod
+    def of(cls, issued: EnrollmentResponse, renew_at: dt.datetime | None) -> CertificateStatus:
+        """The status of the certificate ``issued``, renewed from ``renew_at``."""
+        return cls(
+            serial=issued.serial,
+            tenant_id=issued.tenant_id,
+            not_before=issued.not_before,
+            not_after=issued.not_after,
+            renew_at=renew_at,
+        )
 
 
 class LinkState(_Record):

@@ -24,7 +24,6 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from tuf.ngclient.config import UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 
+from fleetward.agent.config import write_private_file
 from fleetward.clock import Clock, SystemClock
 from fleetward.errors import (
     ConfigurationError,
@@ -540,7 +540,7 @@ class UpdateClient:
             raise UpdateRefused(f"the update state {path} is damaged", code="update_state_corrupt") from None
 
     def _save_state(self, state: _State) -> None:
-        _write_atomically(self._settings.metadata_dir / STATE_FILE, state.model_dump_json().encode())
+        write_private_file(self._settings.metadata_dir / STATE_FILE, state.model_dump_json().encode())
 
     # ----------------------------------------------------------------- download
 
@@ -587,7 +587,7 @@ class UpdateClient:
                 raise UpdateRefused(
                     "the patched image does not match the image repository", code="delta_result_mismatch"
                 ) from None
-            _write_atomically(partial, result)  # only verified bytes reach the partial file
+            write_private_file(partial, result)  # only verified bytes reach the partial file
         except UpdateRefused as refusal:
             delta_file.unlink(missing_ok=True)
             raise _DeltaFailed(refusal.message, refusal.code) from None
@@ -758,21 +758,6 @@ def _read_bounded(path: Path, limit: int) -> bytes:
     if _size(path) > limit:
         raise UpdateRefused(f"{path} is larger than {limit} bytes", code="delta_base_mismatch")
     return path.read_bytes()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
 
 
 __all__ = [

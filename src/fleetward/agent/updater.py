@@ -35,7 +35,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -66,6 +66,7 @@ MAX_PENDING_RESULTS = 64
 
 _RESULTS = TypeAdapter(list[UpdateResult])
 _GIVEN_UP = TypeAdapter(list[tuple[str, str]])
+_T = TypeVar("_T")
 
 
 class Client(Protocol):
@@ -277,9 +278,10 @@ class Updater:
     async def check_once(self) -> Plan | None:
         async with self._lock:
             self.checks += 1
-            await self._flush()
+            installed = await asyncio.to_thread(self._installed)
+            await self._flush(installed)
             try:
-                plan = await asyncio.to_thread(self._client.check, self._installed())
+                plan = await asyncio.to_thread(self._client.check, installed)
             except UpdateRefused as refused:
                 # the director hears it too: a device that cannot take its assignment is a failed one
                 logger.error("update refused: %s (%s)", refused.message, refused.code)
@@ -477,9 +479,11 @@ class Updater:
         del self._pending[:-MAX_PENDING_RESULTS]
         self._save_results()
 
-    async def _flush(self) -> None:
-        """Send what the device runs and the results not yet delivered; keep them if the send fails."""
-        installed = await asyncio.to_thread(self._installed)
+    async def _flush(self, installed: Mapping[str, tuple[str, str]] | None = None) -> None:
+        """Send what the device runs (``installed``: read now if not given) and the results not yet
+        delivered; keep them if the send fails."""
+        if installed is None:
+            installed = await asyncio.to_thread(self._installed)
         sent = list(self._pending)
         report = VersionReport(
             assignment_version=self._assignment_version,
@@ -503,28 +507,25 @@ class Updater:
         return tuple(self._pending)
 
     def _load_given_up(self) -> list[tuple[str, str]]:
-        path = self.settings.given_up_file
-        try:
-            return [(str(pair[0]), str(pair[1])) for pair in _GIVEN_UP.validate_json(path.read_bytes())]
-        except FileNotFoundError:
-            return []
-        except (OSError, ValidationError) as error:
-            logger.warning("the updates given up in %s are unreadable, started afresh: %s", path, error)
-            return []
+        return _load_kept(self.settings.given_up_file, _GIVEN_UP, "updates given up")
 
     def _load_results(self) -> list[UpdateResult]:
-        path = self.settings.results_file
-        try:
-            return _RESULTS.validate_json(path.read_bytes())[-MAX_PENDING_RESULTS:]
-        except FileNotFoundError:
-            return []
-        except (OSError, ValidationError) as error:
-            logger.warning("the kept update results in %s are unreadable, started afresh: %s", path, error)
-            return []
+        return _load_kept(self.settings.results_file, _RESULTS, "kept update results")[-MAX_PENDING_RESULTS:]
 
     def _save_results(self) -> None:
         data = json.dumps([result.model_dump(mode="json") for result in self._pending]).encode()
         write_private_file(self.settings.results_file, data)
+
+
+def _load_kept(path: Path, adapter: TypeAdapter[list[_T]], what: str) -> list[_T]:
+    """A list the updater keeps on disk; none (with a warning if it is damaged) if it cannot be read."""
+    try:
+        return adapter.validate_json(path.read_bytes())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValidationError) as error:
+        logger.warning("the %s in %s are unreadable, started afresh: %s", what, path, error)
+        return []
 
 
 def _recovered_message(component: str, failure: str | None) -> str:

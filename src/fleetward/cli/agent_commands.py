@@ -306,14 +306,7 @@ def offline_status(settings: AgentSettings) -> AgentStatus:
         credential = CredentialFile(settings.credential_file).load()
     certificate = None
     if credential is not None:
-        issued = credential.issued
-        certificate = CertificateStatus(
-            serial=issued.serial,
-            tenant_id=issued.tenant_id,
-            not_before=issued.not_before,
-            not_after=issued.not_after,
-            renew_at=issued.renew_after,
-        )
+        certificate = CertificateStatus.of(credential.issued, credential.issued.renew_after)
     outbox = OutboxState()
     if (settings.state_dir / "outbox.db").exists():
 
