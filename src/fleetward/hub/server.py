@@ -760,7 +760,9 @@ class DeviceConnection(asyncio.Protocol):
                 return
         previous = hub.connections.get(key)
         if previous is not None and previous is not self:
-            previous.end("a newer connection of the same session took over", code="session_taken_over")
+            previous.end(
+                f"a newer connection of the same session took over: {self.peer}", code="session_taken_over"
+            )
         self.key = key
         hub.register(key, self)
         self.accepted_ns = accepted_ns

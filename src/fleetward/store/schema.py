@@ -15,6 +15,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     ForeignKeyConstraint,
     Index,
@@ -78,6 +79,9 @@ operators = Table(
     Column("name", String(NAME), nullable=False),
     Column("can_create_tenants", Boolean, nullable=False, default=False),
     Column("created_at", UtcDateTime, nullable=False),
+    # a TOTP secret (RFC 6238), sealed under the master key; MFA is on once a first code is confirmed
+    Column("mfa_secret_sealed", LargeBinary, nullable=True),
+    Column("mfa_enabled_at", UtcDateTime, nullable=True),
 )
 
 role_assignments = Table(
@@ -218,8 +222,24 @@ events = Table(
     Column("severity", String(16), nullable=False),
     Column("actor", String(NAME), nullable=True),
     Column("detail", Text, nullable=False),
+    # The audit log: each event is an entry of its chain (its tenant's, "" for no tenant), hash-chained to
+    # the one before it (migration 0006; rows written before it have no chain position).
+    Column("chain", String(ID), nullable=True),
+    Column("chain_seq", BigInteger, nullable=True),
+    Column("prev_hash", String(64), nullable=True),
+    Column("hash", String(64), nullable=True),
     Index("ix_events_tenant_at", "tenant_id", "at"),
     Index("ix_events_device_at", "device_id", "at"),
+    UniqueConstraint("chain", "chain_seq"),
+)
+
+audit_heads = Table(
+    "audit_heads",
+    metadata,
+    # The newest entry of each audit chain: appending locks this row, so entries get gap-free positions.
+    Column("chain", String(ID), primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
 )
 
 
@@ -422,4 +442,174 @@ device_updates = Table(
     Column("assigned_at", UtcDateTime, nullable=True),
     Column("reported_at", UtcDateTime, nullable=True),
     Index("ix_device_updates_tenant_deployment", "tenant_id", "deployment_id", "state"),
+)
+
+
+# ---------------------------------------------------------------------- monitor (migration 0006)
+
+alerts = Table(
+    "alerts",
+    metadata,
+    # What a detector found on a device, with its evidence; an open alert counts its repeats.
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("tenant_id", String(ID), ForeignKey("tenants.id"), nullable=False),
+    Column("device_id", String(DEVICE_ID), nullable=False),
+    Column("group_id", String(ID), nullable=True),
+    Column("detector", String(NAME), nullable=False),
+    Column("code", String(64), nullable=False),
+    Column("severity", String(16), nullable=False),  # low | medium | high | critical
+    Column("score", Float, nullable=False),
+    Column("summary", Text, nullable=False),
+    Column("evidence", Text, nullable=False),  # JSON list
+    Column("state", String(16), nullable=False),  # open | acknowledged | closed
+    Column("count", Integer, nullable=False),
+    Column("opened_at", UtcDateTime, nullable=False),
+    Column("last_seen_at", UtcDateTime, nullable=False),
+    Column("closed_at", UtcDateTime, nullable=True),
+    Column("closed_by", String(NAME), nullable=True),
+    Index("ix_alerts_tenant_state_opened", "tenant_id", "state", "opened_at"),
+    Index("ix_alerts_tenant_device_state", "tenant_id", "device_id", "state"),
+)
+
+device_health = Table(
+    "device_health",
+    metadata,
+    # Each device's current health and why; conditional access reads it.
+    Column("device_id", String(DEVICE_ID), ForeignKey("devices.id"), primary_key=True),
+    Column("tenant_id", String(ID), nullable=False),
+    Column("state", String(16), nullable=False),  # healthy | at_risk | unhealthy | quarantined
+    Column("risk", Integer, nullable=False),  # 0..100
+    Column("reasons", Text, nullable=False),  # JSON list
+    # conditional access: narrowed hub topics and remediation-only certificates
+    Column("restricted", Boolean, nullable=False),
+    Column("computed_at", UtcDateTime, nullable=False),
+    Column("changed_at", UtcDateTime, nullable=False),
+    Index("ix_device_health_tenant_state", "tenant_id", "state"),
+)
+
+device_health_history = Table(
+    "device_health_history",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("tenant_id", String(ID), nullable=False),
+    Column("device_id", String(DEVICE_ID), nullable=False),
+    Column("at", UtcDateTime, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("risk", Integer, nullable=False),
+    Column("reasons", Text, nullable=False),
+    Index("ix_device_health_history_tenant_device_at", "tenant_id", "device_id", "at"),
+)
+
+detection_rules = Table(
+    "detection_rules",
+    metadata,
+    # A tenant's own detection rules (JSON), used instead of the shipped defaults when present.
+    Column("tenant_id", String(ID), ForeignKey("tenants.id"), primary_key=True),
+    Column("rules", Text, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+detector_state = Table(
+    "detector_state",
+    metadata,
+    # What the statistical baselines learned of a device, kept across restarts.
+    Column("tenant_id", String(ID), primary_key=True),
+    Column("device_id", String(DEVICE_ID), primary_key=True),
+    Column("state", LargeBinary, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+notice_destinations = Table(
+    "notice_destinations",
+    metadata,
+    # Where playbooks send alerts: webhooks (their signing secret sealed) and syslog/CEF collectors.
+    Column("id", String(ID), primary_key=True),
+    Column("tenant_id", String(ID), ForeignKey("tenants.id"), nullable=False),
+    Column("name", String(NAME), nullable=False),
+    Column("kind", String(16), nullable=False),  # webhook | syslog
+    Column("target", String(1024), nullable=False),  # the URL, or syslog host:port
+    Column("options", Text, nullable=False),  # JSON: syslog transport, …
+    Column("sealed_secret", LargeBinary, nullable=True),
+    Column("created_at", UtcDateTime, nullable=False),
+    UniqueConstraint("tenant_id", "name"),
+)
+
+playbooks = Table(
+    "playbooks",
+    metadata,
+    # Condition → actions, automatic or awaiting an operator's approval.
+    Column("id", String(ID), primary_key=True),
+    Column("tenant_id", String(ID), ForeignKey("tenants.id"), nullable=False),
+    Column("name", String(NAME), nullable=False),
+    Column("enabled", Boolean, nullable=False),
+    Column("approval", String(16), nullable=False),  # automatic | operator
+    Column("condition", Text, nullable=False),  # JSON
+    Column("actions", Text, nullable=False),  # JSON list
+    Column("created_by", String(NAME), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    UniqueConstraint("tenant_id", "name"),
+)
+
+playbook_runs = Table(
+    "playbook_runs",
+    metadata,
+    # One playbook applied to one device: its actions, what each did, and how to undo it.
+    Column("id", String(ID), primary_key=True),
+    Column("tenant_id", String(ID), ForeignKey("tenants.id"), nullable=False),
+    Column("playbook_id", String(ID), ForeignKey("playbooks.id"), nullable=False),
+    Column("device_id", String(DEVICE_ID), nullable=False),
+    Column("alert_id", BigInteger, nullable=True),
+    Column("state", String(24), nullable=False),  # awaiting_approval | done | failed | refused | undone
+    Column("actions", Text, nullable=False),  # JSON list: each action, its outcome and its undo data
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("decided_by", String(NAME), nullable=True),
+    Column("decided_at", UtcDateTime, nullable=True),
+    Column("undone_by", String(NAME), nullable=True),
+    Column("undone_at", UtcDateTime, nullable=True),
+    Column("detail", Text, nullable=False, default=""),
+    Index("ix_playbook_runs_tenant_state", "tenant_id", "state"),
+    Index("ix_playbook_runs_tenant_device", "tenant_id", "device_id"),
+)
+
+audit_runs = Table(
+    "audit_runs",
+    metadata,
+    # One run of the audit checks over a tenant, on a schedule or on demand.
+    Column("id", String(ID), primary_key=True),
+    Column("tenant_id", String(ID), ForeignKey("tenants.id"), nullable=False),
+    Column("trigger", String(16), nullable=False),  # schedule | on_demand
+    Column("checks", Text, nullable=False),  # JSON list of the checks run
+    Column("state", String(16), nullable=False),  # running | finished | failed
+    Column("findings", Integer, nullable=False),
+    Column("started_by", String(NAME), nullable=True),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("finished_at", UtcDateTime, nullable=True),
+    Index("ix_audit_runs_tenant_started", "tenant_id", "started_at"),
+)
+
+audit_findings = Table(
+    "audit_findings",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("run_id", String(ID), ForeignKey("audit_runs.id"), nullable=False),
+    Column("tenant_id", String(ID), nullable=False),
+    Column("check", String(64), nullable=False),
+    Column("severity", String(16), nullable=False),
+    Column("subject_kind", String(32), nullable=False),  # device | certificate | ca | operator | component
+    Column("subject_id", String(NAME), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("found_at", UtcDateTime, nullable=False),
+    Index("ix_audit_findings_tenant_run", "tenant_id", "run_id"),
+)
+
+audit_schedules = Table(
+    "audit_schedules",
+    metadata,
+    # When each tenant's audit runs next, and which checks it runs.
+    Column("tenant_id", String(ID), ForeignKey("tenants.id"), primary_key=True),
+    Column("interval_seconds", Integer, nullable=False),
+    Column("checks", Text, nullable=False),  # JSON list; empty: all of them
+    Column("next_run_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
 )
