@@ -19,7 +19,7 @@ import contextlib
 import functools
 import hashlib
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
@@ -170,19 +170,30 @@ def install_first_release(
 
 
 @contextlib.asynccontextmanager
-async def fleet_of(hub: HubSetup, base: Path, clock: FakeClock, size: int) -> AsyncIterator[Fleet]:
-    """``size`` agents running release 2.1.0, published in the tenant's freshly initialised repository."""
+async def fleet_of(
+    hub: HubSetup,
+    base: Path,
+    clock: FakeClock,
+    size: int,
+    *,
+    first_release: bytes | None = None,
+    adjust: Callable[[AgentSettings], AgentSettings] | None = None,
+) -> AsyncIterator[Fleet]:
+    """``size`` agents running release 2.1.0 (``first_release``, or a good one), published in the tenant's
+    freshly initialised repository; ``adjust`` changes each agent's settings."""
     publisher = ec.generate_private_key(ec.SECP256R1())
     operator = UpdateOperator(hub.tenant.client, hub.tenant.id, hub.tenant.product.id, publisher)
     root_file = base / "root.json"
     assert await asyncio.to_thread(operator.init_repository, root_file) == 1
-    release = package(GOOD, "2.1.0")
+    release = first_release or package(GOOD, "2.1.0")
     first = await asyncio.to_thread(operator.publish, release, "2.1.0")
     async with contextlib.AsyncExitStack() as stack:
         agents = []
         for number in range(size):
             name = f"device-{number}"
             settings = install_first_release(base, number, hub, publisher, release, root_file)
+            if adjust is not None:
+                settings = adjust(settings)
             root = SoftwareRootOfTrust.load_or_create(settings.state_dir / "identity.key")
             hub.tenant.claim(SimulatedDevice(name, (), root_of_trust=root))
             agents.append(await stack.enter_async_context(Agent(settings, clock=clock)))

@@ -10,6 +10,9 @@ from fleetward.bus import Bus, bus_for
 from fleetward.clock import Clock, SystemClock
 from fleetward.config import Settings
 from fleetward.hub.store import HubStore
+from fleetward.monitor.audit_service import AuditService, BusSessionProbe
+from fleetward.monitor.health_service import HealthService
+from fleetward.monitor.playbook_service import PlaybookService
 from fleetward.monitor.reports import ReportStore
 from fleetward.registry.service import RegistryService
 from fleetward.store.database import Database
@@ -32,6 +35,10 @@ class Services:
     reports: ReportStore
     images: ImageService
     deployments: DeploymentService
+    keystore: KeyStore
+    health: HealthService
+    playbooks: PlaybookService
+    audits: AuditService
 
     def close(self) -> None:
         self.authority.close()
@@ -74,10 +81,14 @@ def build_services(
         database=database,
         trust_bell=trust_bell,
         bus=bus,
-        registry=RegistryService(database, clock, settings.limits, trust_bell),
+        registry=RegistryService(database, clock, settings.limits, trust_bell, keystore),
         authority=authority,
         hub_store=HubStore(database, clock, settings.limits),
         reports=ReportStore(database, clock),
         images=images,
         deployments=DeploymentService(database, clock, settings.limits, images),
+        keystore=keystore,
+        health=HealthService(database, clock, trust_bell),
+        playbooks=PlaybookService(database, clock, trust_bell, authority, keystore),
+        audits=AuditService(database, clock, settings.limits, BusSessionProbe(bus, settings.limits)),
     )

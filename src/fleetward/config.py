@@ -29,10 +29,15 @@ class Limits:
     nonce_ttl_seconds: int = 120
     certificate_validity_seconds: int = 24 * 3600
     certificate_backdate_seconds: int = 300
+    #: the certificate of a quarantined or unhealthy device: enough to update and attest again, no more
+    remediation_certificate_seconds: int = 3600
     crl_validity_seconds: int = 7 * 24 * 3600
     root_ca_validity_days: int = 20 * 365
     issuing_ca_validity_days: int = 5 * 365
     token_max_validity_days: int = 365
+    #: wrong MFA codes an operator may enter within the window before further codes are refused unseen
+    mfa_max_failures: int = 5
+    mfa_failure_window_seconds: int = 900
     enrollment_batch_max: int = 256
     enrollment_queue_max: int = 4096
     #: refused enrollments recorded as events, per claimed device, and in all for unclaimed devices
@@ -51,6 +56,17 @@ class Limits:
     hub_bytes_per_second: int = 1024 * 1024
     hub_security_events_per_minute: int = 10
     hub_trust_poll_milliseconds: int = 500
+    #: how often the hub tells the monitor what each device did
+    monitor_sample_milliseconds: int = 1000
+    #: the monitor: how often it judges, how much waits, how often it looks again at health and releases
+    monitor_judge_milliseconds: int = 250
+    monitor_queue_max: int = 100_000
+    monitor_events_per_turn: int = 2000
+    monitor_release_seconds: int = 2
+    monitor_health_sweep_seconds: int = 300
+    monitor_playbook_cache_seconds: int = 10
+    #: how often what the baselines learned is kept in the store (and at shutdown)
+    monitor_learned_save_seconds: int = 300
     telemetry_batch_max: int = 2048
     telemetry_queue_max: int = 16_384
     telemetry_stream_buffer: int = 1000

@@ -30,7 +30,8 @@ Every error fleetward raises on purpose is a :class:`FleetwardError` and carries
 
 Some parts subclass these for errors only they raise; each lives next to its raiser:
 
-    InvalidInput        ← agent.app_protocol.FrameRefused (a malformed frame on the application API)
+    InvalidInput        ← agent.app_protocol.FrameRefused (a malformed frame on the application API),
+                          monitor.sinks.WebhookRefused (a webhook receiver refused a notice: not retried)
     Conflict            ← agent.peripherals.PeripheralBusy (a peripheral another connection holds)
     TransportError      ← bus.base.NoResponders, bus.base.RequestTimedOut (nobody holds the device; no
                           answer in time), agent.outbox.OutboxFull (nothing may be dropped to make room),

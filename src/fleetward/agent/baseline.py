@@ -3,7 +3,8 @@
 The parsers are pure (text in, records out); :class:`BaselineCollector` reads the files under a ``proc``
 root (``/proc`` on a device, a directory of fixtures in tests), keeps the counters of the previous look
 to report traffic per interval, and counts the destinations seen in established connections between
-reports. Connections the agent's proxy blocks are handed to it with :meth:`BaselineCollector.blocked`.
+reports. Connections the agent's proxy blocks are handed to it with :meth:`BaselineCollector.blocked`, and
+those it lets through with :meth:`BaselineCollector.allowed`.
 
 What /proc shows is the agent's network namespace: run the agent in the device's own namespace.
 """
@@ -20,10 +21,12 @@ from typing import TypeVar
 
 from fleetward.errors import InvalidInput
 from fleetward.wire.baseline import (
+    MAX_ALLOWED,
     MAX_BLOCKED,
     MAX_CONNECTIONS,
     MAX_DESTINATIONS,
     MAX_LISTENING,
+    AllowedConnection,
     BlockedConnection,
     Connection,
     Destination,
@@ -154,6 +157,7 @@ class BaselineCollector:
     _since: dt.datetime | None = None
     _destinations: Counter[tuple[str, int]] = field(default_factory=Counter)
     _blocked: Counter[tuple[str, str, int]] = field(default_factory=Counter)
+    _allowed: Counter[tuple[str, str, int]] = field(default_factory=Counter)
 
     def _read(self, name: str) -> str:
         path = self.proc / "net" / name
@@ -190,6 +194,10 @@ class BaselineCollector:
         """The proxy refused ``component_id`` a connection to ``host:port``."""
         self._blocked[(component_id, host, port)] += 1
 
+    def allowed(self, component_id: str, host: str, port: int) -> None:
+        """The proxy let ``component_id`` connect to ``host:port`` (its manifest declares it)."""
+        self._allowed[(component_id, host, port)] += 1
+
     def report(self, now: dt.datetime) -> SecurityBaseline:
         """The baseline since the last report (the first one covers the time since the collector began)."""
         self.sample()
@@ -205,11 +213,16 @@ class BaselineCollector:
             BlockedConnection(component_id=component, host=host, port=port, count=count)
             for (component, host, port), count in self._blocked.most_common()
         ]
+        allowed = [
+            AllowedConnection(component_id=component, host=host, port=port, count=count)
+            for (component, host, port), count in self._allowed.most_common()
+        ]
         unique_listening = sorted(set(listening), key=lambda item: (item.protocol, item.port, item.address))
         listening_kept, over_listening = _bounded(unique_listening, MAX_LISTENING)
         established_kept, over_established = _bounded(established, MAX_CONNECTIONS)
         destinations_kept, over_destinations = _bounded(destinations, MAX_DESTINATIONS)
         blocked_kept, over_blocked = _bounded(blocked, MAX_BLOCKED)
+        allowed_kept, over_allowed = _bounded(allowed, MAX_ALLOWED)
         baseline = SecurityBaseline(
             collected_at=now,
             interval_seconds=max(interval, 0.001),
@@ -217,10 +230,12 @@ class BaselineCollector:
             established=established_kept,
             destinations=destinations_kept,
             blocked=blocked_kept,
+            allowed=allowed_kept,
             traffic=traffic,
-            truncated=over_listening + over_established + over_destinations + over_blocked,
+            truncated=over_listening + over_established + over_destinations + over_blocked + over_allowed,
         )
         self._interfaces, self._since = interfaces, now
         self._destinations.clear()
         self._blocked.clear()
+        self._allowed.clear()
         return baseline

@@ -78,6 +78,9 @@ SCHEMA: dict[str, Key] = {
     "hub.keep_alive_seconds": Key("int", 60, "MQTT keep-alive", 1, 1740),
     "hub.reconnect_first_seconds": Key("float", 1.0, "first reconnect wait (full jitter)", 0.01, 3600),
     "hub.reconnect_max_seconds": Key("float", 120.0, "longest wait between reconnects", 0.01, 86400),
+    "hub.quarantine_retry_seconds": Key(
+        "float", 60.0, "while quarantined, how often to ask whether the device is released", 0.05, 86400
+    ),
     "root_of_trust.kind": Key("str", "software", "software (development only), tpm or pkcs11"),
     "root_of_trust.key_file": Key("path", "identity.key", "software: the key file; tpm: the TSS2 key file"),
     "root_of_trust.tcti": Key("str", None, "tpm: the TCTI, e.g. device:/dev/tpmrm0 or swtpm:port=2321"),
@@ -154,6 +157,8 @@ class HubSettings:
     keep_alive_seconds: int = 60
     reconnect_first_seconds: float = 1.0
     reconnect_max_seconds: float = 120.0
+    #: while quarantined, how often the link asks whether the hub has released the device
+    quarantine_retry_seconds: float = 60.0
 
 
 @dataclass(frozen=True)

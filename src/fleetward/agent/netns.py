@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from fleetward.agent.manifest import Capabilities
-from fleetward.agent.proxy import ConnectProxy, OnBlocked, ProxyLimits, Resolver
+from fleetward.agent.proxy import ConnectProxy, OnAllowed, OnBlocked, ProxyLimits, Resolver
 from fleetward.agent.relay import Acceptor, close_stream, relay
 
 logger = logging.getLogger(__name__)
@@ -313,6 +313,7 @@ async def open_app_network(
     limits: ProxyLimits,
     resolver: Resolver | None = None,
     on_blocked: OnBlocked | None = None,
+    on_allowed: OnAllowed | None = None,
 ) -> AppNetwork:
     """Make one run's network. ``isolate``: a namespace of its own (needs root), with the proxy inside and a
     forwarder from the device for each declared TCP server port; otherwise the proxy on a free port of
@@ -328,7 +329,12 @@ async def open_app_network(
             else:
                 listener = socket.create_server(("127.0.0.1", 0))
             proxy = ConnectProxy(
-                component_id, capabilities, limits=limits, resolver=resolver, on_blocked=on_blocked
+                component_id,
+                capabilities,
+                limits=limits,
+                resolver=resolver,
+                on_blocked=on_blocked,
+                on_allowed=on_allowed,
             )
             proxy.start(listener)
             network.proxy = proxy

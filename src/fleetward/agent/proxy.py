@@ -13,7 +13,8 @@ is root, see :mod:`fleetward.agent.netns`), in the agent's own event loop. For e
 3. a host name is resolved by the agent (:class:`Resolver`), and the addresses are screened
    (:func:`screen_addresses`): an address that is not global (loopback, private, link-local, …) is kept
    only when the manifest names that IP itself, so a name cannot be made to point at the device's own
-   services (DNS rebinding). No address left: 403 and ``on_blocked``;
+   services (DNS rebinding). No address left: 403 and ``on_blocked``; otherwise ``on_allowed(component_id,
+   host, port)`` is called (the security baseline counts which declared destinations are used);
 4. the agent connects, from its own namespace, to the screened addresses in turn (502 or 504 when none
    answers), answers ``200 Connection established`` and relays bytes both ways (:func:`relay`): bounded
    buffers with back-pressure, half-close, and an idle timeout.
@@ -279,6 +280,16 @@ def log_blocked(component_id: str, host: str, port: int) -> None:
     logger.warning("application %s was refused a connection to %s port %d", component_id, host, port)
 
 
+class OnAllowed(Protocol):
+    """Told of every ``CONNECT`` the manifest allows, before connecting (the security baseline)."""
+
+    def __call__(self, component_id: str, host: str, port: int) -> None: ...
+
+
+def ignore_allowed(component_id: str, host: str, port: int) -> None:
+    """The default :class:`OnAllowed`: nothing to do."""
+
+
 class ConnectProxy:
     """One application's allow-listing ``CONNECT`` proxy, served on a listening socket the caller made.
 
@@ -293,12 +304,14 @@ class ConnectProxy:
         limits: ProxyLimits | None = None,
         resolver: Resolver | None = None,
         on_blocked: OnBlocked | None = None,
+        on_allowed: OnAllowed | None = None,
     ) -> None:
         self.component_id = component_id
         self._capabilities = capabilities
         self._limits = limits or ProxyLimits()
         self._resolver = resolver or SystemResolver()
         self._on_blocked = on_blocked or log_blocked
+        self._on_allowed = on_allowed or ignore_allowed
         self._acceptor: Acceptor | None = None
 
     @property
@@ -406,6 +419,7 @@ class ConnectProxy:
         except CapabilityNotDeclared:
             self._on_blocked(self.component_id, destination.host, port)
             raise
+        self._on_allowed(self.component_id, destination.host, port)
         return await self._connect(destination, addresses[: limits.max_addresses_tried])
 
     async def _resolve(self, destination: AllowedConnection) -> Sequence[IPAddress]:

@@ -286,6 +286,7 @@ class Agent:
                 keep_alive_seconds=settings.hub.keep_alive_seconds,
                 backoff_initial_seconds=settings.hub.reconnect_first_seconds,
                 backoff_max_seconds=settings.hub.reconnect_max_seconds,
+                quarantine_retry_seconds=settings.hub.quarantine_retry_seconds,
             ),
             self._outbox,
             CredentialTls(settings.credential_file, settings.ca_file),
@@ -423,6 +424,7 @@ class Agent:
             await asyncio.sleep(0.05)
         failures = self._link.status.failures
         connects = self._link.status.connects
+        quarantined = self._link.status.quarantined
         async for link_status in self._link.changes():
             self._status_changed.set()
             if link_status.connects > connects:
@@ -430,6 +432,10 @@ class Agent:
                 if self.updater is not None and connects > 1:
                     # back after a cut: a "check now" sent meanwhile was lost, look at once
                     self.updater.check_now()
+            if link_status.quarantined and not quarantined and self.updater is not None:
+                # set aside: a remediation release may be waiting (the hub no longer passes "check now")
+                self.updater.check_now()
+            quarantined = link_status.quarantined
             if link_status.failures == failures:
                 continue
             failures = link_status.failures
@@ -596,6 +602,7 @@ class Agent:
                 clock=self._clock,
                 resolver=self._resolver,
                 on_blocked=self._blocked,
+                on_allowed=self._collector.allowed,
             )
             await stack.enter_async_context(supervisor)
             await supervisor.start(app)
@@ -731,6 +738,8 @@ class Agent:
             client,
             self,
             clock=self._clock,
+            # the certificate attests what runs: a new application version earns a fresh attestation
+            on_installed=self.renew_now,
         )
 
     async def _run_updater(self, updater: Updater) -> None:

@@ -41,7 +41,7 @@ from types import TracebackType
 
 from fleetward.agent.launch import LaunchedApp
 from fleetward.agent.netns import AppNetwork, open_app_network
-from fleetward.agent.proxy import OnBlocked, ProxyLimits, Resolver
+from fleetward.agent.proxy import OnAllowed, OnBlocked, ProxyLimits, Resolver
 from fleetward.agent.reporting import Reporter
 from fleetward.agent.sandbox import (
     TRAMPOLINE,
@@ -243,6 +243,7 @@ class Supervisor:
         sleep: Sleep | None = None,
         resolver: Resolver | None = None,
         on_blocked: OnBlocked | None = None,
+        on_allowed: OnAllowed | None = None,
     ) -> None:
         self.config = config
         self.enforcement = Enforcement(
@@ -252,6 +253,7 @@ class Supervisor:
         )
         self._resolver = resolver
         self._on_blocked = on_blocked
+        self._on_allowed = on_allowed
         self._identities = identities or UidRangeIdentities(
             config.storage_dir / ".uids.json", first_uid=config.first_app_uid, count=config.app_uid_count
         )
@@ -435,6 +437,7 @@ class Supervisor:
                 limits=self.config.proxy,
                 resolver=self._resolver,
                 on_blocked=self._on_blocked,
+                on_allowed=self._on_allowed,
             )
             child = await self._spawn(handle, identity, network)
         except OSError as error:  # no namespace or port, no interpreter, or the system is out of processes

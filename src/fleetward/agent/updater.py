@@ -138,8 +138,11 @@ class Updater:
         *,
         clock: Clock | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
+        on_installed: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
+        #: told after an application's update is kept: what the device runs changed, it attests again
+        self._on_installed = on_installed
         self._client = client
         self._apps = apps
         self._clock = clock or SystemClock()
@@ -370,6 +373,8 @@ class Updater:
             self._apps.deferral_done(component)
             self._result(plan, image, UpdateState.INSTALLED, downloaded=downloaded)
             logger.info("updated %s to %s", component, image.version)
+            if self._on_installed is not None:
+                self._on_installed()
             return
         logger.error("update of %s to %s rolled back: %s", component, image.version, problem)
         # the result is on disk before the rollback, so a power cut in between cannot lose it

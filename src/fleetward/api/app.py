@@ -14,9 +14,11 @@ import fleetward
 from fleetward.api import (
     errors,
     routes_attestation,
+    routes_audits,
     routes_authority,
     routes_deployments,
     routes_hub,
+    routes_monitor,
     routes_registry,
     routes_reports,
     routes_updates,
@@ -33,6 +35,8 @@ from fleetward.errors import FleetwardError
 from fleetward.hub.feed import TelemetryFeed
 from fleetward.hub.routing import DeviceRouter
 from fleetward.hub.server import Hub, server_tls_context
+from fleetward.monitor.audit_service import run_schedules
+from fleetward.monitor.service import Monitor
 from fleetward.store.batching import Batcher
 from fleetward.updates.check_now import RouterNudger
 from fleetward.updates.deployments import run_ticks
@@ -66,7 +70,7 @@ def _announce_trust(services: Services, bus: Bus) -> Callable[[], None]:
     return services.trust_bell.listen(rung)
 
 
-async def _start_hub(services: Services, feed: TelemetryFeed) -> Hub | None:
+async def _start_hub(services: Services, feed: TelemetryFeed, monitor: Monitor) -> Hub | None:
     """The hub, if it has a port and TLS to serve with (it only speaks mutual TLS)."""
     settings = services.settings
     if not settings.hub_port:
@@ -85,6 +89,7 @@ async def _start_hub(services: Services, feed: TelemetryFeed) -> Hub | None:
         services.reports,
         bus=services.bus,
         feed=feed,
+        observer=monitor,
     )
     await hub.start(settings.host, settings.hub_port)
     logger.info("hub listening for devices on %s:%d (MQTT over mutual TLS)", settings.host, hub.port)
@@ -118,12 +123,23 @@ def create_app(services: Services | None, *, limits: Limits | None = None) -> Fa
         # in one process the trust bell wakes its hub directly; other processes hear it on a shared bus
         stop_announcing = _announce_trust(services, bus) if bus.shared else lambda: None
         try:
-            async with batcher:
+            monitor = Monitor(
+                services.database,
+                services.clock,
+                limits,
+                services.health,
+                services.playbooks,
+                services.keystore,
+                services.trust_bell,
+            )
+            async with batcher, monitor:
                 app.state.enrollments = batcher
+                app.state.monitor = monitor
                 app.state.feed = TelemetryFeed(limits.telemetry_stream_buffer, bus)
                 app.state.router = DeviceRouter(bus, limits)
-                app.state.hub = await _start_hub(services, app.state.feed)
+                app.state.hub = await _start_hub(services, app.state.feed, monitor)
                 purger = asyncio.create_task(_purge_nonces(services))
+                audits = asyncio.create_task(run_schedules(services.audits, services.clock))
                 app.state.nudger = RouterNudger(app.state.router, limits.check_now_timeout_seconds)
                 rollouts = asyncio.create_task(
                     run_ticks(
@@ -136,7 +152,7 @@ def create_app(services: Services | None, *, limits: Limits | None = None) -> Fa
                 try:
                     yield
                 finally:
-                    for task in (purger, rollouts):
+                    for task in (purger, rollouts, audits):
                         task.cancel()
                         with contextlib.suppress(asyncio.CancelledError):
                             await task
@@ -175,6 +191,8 @@ def create_app(services: Services | None, *, limits: Limits | None = None) -> Fa
     app.include_router(routes_updates.router)
     app.include_router(routes_deployments.device_router)
     app.include_router(routes_deployments.router)
+    app.include_router(routes_monitor.router)
+    app.include_router(routes_audits.router)
 
     @app.get("/healthz", tags=["service"])
     def healthz() -> dict[str, str]:

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated
+from collections.abc import Iterator
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
+from fastapi.responses import StreamingResponse
 
 from fleetward.api import schemas
-from fleetward.api.deps import AuthorityDep, PrincipalDep, RegistryDep, as_utc
+from fleetward.api.deps import AuthorityDep, PrincipalDep, RegistryDep, as_utc, services
+from fleetward.errors import InvalidInput
 from fleetward.registry.access import format_scopes
+from fleetward.registry.mfa import MfaStatus
 from fleetward.registry.models import ApiToken, ClaimOutcome, ClaimRequest, DeviceStatus, Scope
+from fleetward.store import events as event_log
+from fleetward.store.audit_chain import HEAD_HEADER, ChainPosition, parse_position, to_json_line
+from fleetward.store.events import Severity
 
 router = APIRouter(prefix="/v1")
 TenantPath = Annotated[str, "tenant id"]
@@ -30,7 +37,7 @@ def _token_public(token: ApiToken) -> schemas.TokenPublic:
 
 
 @router.get("/me", tags=["operators"])
-def me(principal: PrincipalDep) -> schemas.Me:
+def me(principal: PrincipalDep, registry: RegistryDep) -> schemas.Me:
     """The operator and token behind this request, and the operator's roles."""
     return schemas.Me(
         operator_id=principal.operator_id,
@@ -40,7 +47,42 @@ def me(principal: PrincipalDep) -> schemas.Me:
         scopes=format_scopes(principal.token_scopes).split(","),
         roles=dict(principal.roles),
         can_create_tenants=principal.can_create_tenants,
+        mfa_enabled=registry.mfa_status(principal) is MfaStatus.ON,
     )
+
+
+@router.get("/me/mfa", tags=["operators"])
+def mfa_status(principal: PrincipalDep, registry: RegistryDep) -> schemas.MfaStatusPublic:
+    """Your MFA: off, pending (enrolled, awaiting a first code) or on."""
+    return schemas.MfaStatusPublic(status=registry.mfa_status(principal))
+
+
+@router.post("/me/mfa", status_code=status.HTTP_201_CREATED, tags=["operators"])
+def enroll_mfa(principal: PrincipalDep, registry: RegistryDep) -> schemas.MfaEnrolled:
+    """Enrol a TOTP secret (needs an 'admin' token). The secret is shown once; MFA is pending until
+    a first code confirms it."""
+    enrollment = registry.enroll_mfa(principal)
+    return schemas.MfaEnrolled(
+        status=MfaStatus.PENDING, secret=enrollment.secret_base32, otpauth_uri=enrollment.otpauth_uri
+    )
+
+
+@router.post("/me/mfa/confirm", tags=["operators"])
+def confirm_mfa(
+    body: schemas.MfaCode, principal: PrincipalDep, registry: RegistryDep
+) -> schemas.MfaStatusPublic:
+    """Turn your pending MFA on with a first code from the authenticator app."""
+    registry.confirm_mfa(principal, body.code)
+    return schemas.MfaStatusPublic(status=MfaStatus.ON)
+
+
+@router.post("/me/mfa/disable", tags=["operators"])
+def disable_mfa(
+    body: schemas.MfaCode, principal: PrincipalDep, registry: RegistryDep
+) -> schemas.MfaStatusPublic:
+    """Turn your MFA off (or drop a pending enrolment), proven with a current code."""
+    registry.disable_mfa(principal, body.code)
+    return schemas.MfaStatusPublic(status=MfaStatus.OFF)
 
 
 @router.post("/operators", status_code=status.HTTP_201_CREATED, tags=["operators"])
@@ -63,7 +105,7 @@ def create_token(
 ) -> schemas.TokenCreated:
     """A new token for yourself, never broader than the one you call with. The secret is shown once."""
     token, secret = registry.create_token(
-        principal, body.name, body.tenant_id, ",".join(body.scopes), body.valid_days
+        principal, body.name, body.tenant_id, ",".join(body.scopes), body.valid_days, mfa_code=body.mfa_code
     )
     return schemas.TokenCreated(token=_token_public(token), secret=secret)
 
@@ -74,7 +116,13 @@ def create_token_for(
 ) -> schemas.TokenCreated:
     """A new token for another operator (operators who may create tenants only). The secret is shown once."""
     token, secret = registry.create_token(
-        principal, body.name, body.tenant_id, ",".join(body.scopes), body.valid_days, for_email=email
+        principal,
+        body.name,
+        body.tenant_id,
+        ",".join(body.scopes),
+        body.valid_days,
+        for_email=email,
+        mfa_code=body.mfa_code,
     )
     return schemas.TokenCreated(token=_token_public(token), secret=secret)
 
@@ -313,9 +361,133 @@ def list_events(
     kind: str | None = None,
     since: dt.datetime | None = None,
     limit: Limit = 100,
+    group_id: str | None = None,
+    until: dt.datetime | None = None,
+    code: str | None = None,
+    severity: Severity | None = None,
 ) -> list[schemas.EventPublic]:
-    """Events of the tenant, newest first: what operators did, what devices did, every refusal."""
+    """Events of the tenant, newest first: what operators did, what devices did, every refusal. Filter by
+    device, group (the devices in it now), kind, code, severity and time (``since`` ≤ at < ``until``)."""
     events = registry.list_events(
-        principal, tenant_id, device_id=device_id, kind=kind, since=as_utc(since), limit=limit
+        principal,
+        tenant_id,
+        device_id=device_id,
+        kind=kind,
+        since=as_utc(since),
+        limit=limit,
+        group_id=group_id,
+        until=as_utc(until),
+        code=code,
+        severity=severity,
     )
     return [schemas.EventPublic.model_validate(event) for event in events]
+
+
+# ------------------------------------------------------------------ the audit log (ADR 0016)
+
+#: the most entries one export request streams (page on with ``after_seq``)
+AUDIT_EXPORT_MAX = 100_000
+AnchorQuery = Annotated[
+    str | None, Query(max_length=96, description="SEQ:HASH kept from an earlier export or verification")
+]
+AfterSeq = Annotated[int, Query(ge=0, description="export the entries after this position")]
+ExportLimit = Annotated[int, Query(ge=1, le=AUDIT_EXPORT_MAX)]
+_NDJSON: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"application/x-ndjson": {"schema": schemas.AuditEntryPublic.model_json_schema()}},
+        "description": "one entry per line, in chain order; the header Fleetward-Audit-Head gives SEQ:HASH",
+    }
+}
+
+
+def _export(request: Request, chain: str, after_seq: int, limit: int) -> StreamingResponse:
+    database = services(request).database
+    with database.read() as connection:
+        head = event_log.audit_head(connection, chain)
+    headers = {"Cache-Control": "no-store"}
+    if head is not None:
+        headers[HEAD_HEADER] = str(head)
+
+    def lines() -> Iterator[bytes]:
+        if head is None:
+            return
+        entries = event_log.read_chain(database, chain, after_seq=after_seq, until_seq=head.seq, limit=limit)
+        for entry in entries:
+            yield to_json_line(entry)
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson", headers=headers)
+
+
+def _verify(request: Request, chain: str, anchor: str | None) -> schemas.AuditVerificationPublic:
+    try:
+        anchored = parse_position(anchor) if anchor is not None else None
+    except ValueError as error:
+        raise InvalidInput(str(error), code="bad_anchor") from None
+    found, head = event_log.verify_chain(services(request).database, chain, anchor=anchored)
+    return schemas.AuditVerificationPublic(
+        ok=found.ok,
+        chain=chain,
+        entries_checked=found.checked,
+        head=_position(head),
+        last_verified=_position(found.last_good),
+        problem=found.problem,
+        first_bad_seq=found.first_bad_seq,
+        detail=found.detail,
+    )
+
+
+def _position(at: ChainPosition | None) -> schemas.AuditPositionPublic | None:
+    return None if at is None else schemas.AuditPositionPublic(seq=at.seq, hash=at.hash)
+
+
+@router.get(
+    "/tenants/{tenant_id}/audit-log",
+    tags=["audit log"],
+    response_class=StreamingResponse,
+    responses=_NDJSON,
+)
+def export_audit_log(
+    request: Request,
+    tenant_id: str,
+    principal: PrincipalDep,
+    after_seq: AfterSeq = 0,
+    limit: ExportLimit = AUDIT_EXPORT_MAX,
+) -> StreamingResponse:
+    """The tenant's audit log as JSON lines, in chain order, up to the head read when the request began."""
+    principal.require(tenant_id, Scope.READ)
+    return _export(request, tenant_id, after_seq, limit)
+
+
+@router.get("/tenants/{tenant_id}/audit-log/verify", tags=["audit log"])
+def verify_audit_log(
+    request: Request, tenant_id: str, principal: PrincipalDep, anchor: AnchorQuery = None
+) -> schemas.AuditVerificationPublic:
+    """Verify the tenant's audit chain against its head (and an anchor, if given)."""
+    principal.require(tenant_id, Scope.READ)
+    return _verify(request, tenant_id, anchor)
+
+
+@router.get(
+    "/audit-log",
+    tags=["audit log"],
+    response_class=StreamingResponse,
+    responses=_NDJSON,
+)
+def export_platform_audit_log(
+    request: Request,
+    principal: PrincipalDep,
+    after_seq: AfterSeq = 0,
+    limit: ExportLimit = AUDIT_EXPORT_MAX,
+) -> StreamingResponse:
+    """The audit log of events of no tenant (platform operators only), as JSON lines."""
+    principal.require_tenant_creation()
+    return _export(request, "", after_seq, limit)
+
+
+@router.get("/audit-log/verify", tags=["audit log"])
+def verify_platform_audit_log(
+    request: Request, principal: PrincipalDep, anchor: AnchorQuery = None
+) -> schemas.AuditVerificationPublic:
+    """Verify the audit chain of events of no tenant (platform operators only)."""
+    principal.require_tenant_creation()
+    return _verify(request, "", anchor)

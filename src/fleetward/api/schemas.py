@@ -9,7 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from fleetward.authority.service import CaKind, RevocationReason
 from fleetward.monitor.reports import ReportKind
+from fleetward.registry.mfa import MfaStatus
 from fleetward.registry.models import ClaimOutcome, DeviceStatus, OsFeed, Role, UpdatePolicy
+from fleetward.store.audit_chain import Problem
 from fleetward.store.events import Severity
 from fleetward.wire.baseline import SecurityBaseline
 from fleetward.wire.identity import Sha256Hex
@@ -50,6 +52,7 @@ class OperatorPublic(Public):
     name: str
     can_create_tenants: bool
     created_at: dt.datetime
+    mfa_enabled: bool = Field(description="a TOTP second factor is on")
 
 
 class OperatorCreated(BaseModel):
@@ -65,6 +68,11 @@ class Me(BaseModel):
     scopes: list[str]
     roles: dict[str, Role]
     can_create_tenants: bool
+    mfa_enabled: bool = Field(description="a TOTP second factor is on for this operator")
+
+
+#: a TOTP code as an authenticator app shows it (6 digits, perhaps split by a space)
+MfaCodeText = Annotated[str, StringConstraints(min_length=1, max_length=16)]
 
 
 class TokenCreate(Strict):
@@ -72,6 +80,9 @@ class TokenCreate(Strict):
     tenant_id: str | None = Field(default=None, description="restrict the token to one tenant")
     scopes: list[str] = Field(min_length=1, max_length=4, examples=[["read", "write"]])
     valid_days: int | None = Field(default=None, ge=1, le=3650)
+    mfa_code: MfaCodeText | None = Field(
+        default=None, description="a current TOTP code: required when the caller's MFA is on"
+    )
 
 
 class TokenPublic(Public):
@@ -87,6 +98,20 @@ class TokenPublic(Public):
 class TokenCreated(BaseModel):
     token: TokenPublic
     secret: str = Field(description="the bearer token; shown once, stored only as its hash")
+
+
+class MfaCode(Strict):
+    code: MfaCodeText = Field(description="a current TOTP code", examples=["123456"])
+
+
+class MfaStatusPublic(BaseModel):
+    status: MfaStatus = Field(description="off; pending (enrolled, awaiting a first code); on")
+
+
+class MfaEnrolled(BaseModel):
+    status: MfaStatus
+    secret: str = Field(description="the TOTP secret in base32, for an authenticator app; shown once")
+    otpauth_uri: str = Field(description="the same secret as an otpauth:// URI (a QR code's content)")
 
 
 # ------------------------------------------------------------------ tenants and roles
@@ -280,6 +305,42 @@ class EventPublic(Public):
     tenant_id: str | None
     device_id: str | None
     actor: str | None
+    detail: str
+
+
+class AuditEntryPublic(BaseModel):
+    """One line of an audit-log export (``application/x-ndjson``): an event as an entry of its chain."""
+
+    chain: str = Field(description='the tenant id; "" for events of no tenant')
+    seq: int = Field(description="the entry's position in its chain: 1, 2, 3… without gaps")
+    at: str = Field(description="UTC, always YYYY-MM-DDTHH:MM:SS.ffffffZ (the form the hash covers)")
+    kind: str
+    code: str
+    severity: Severity
+    actor: str | None
+    tenant_id: str | None
+    device_id: str | None
+    detail: str
+    prev_hash: str = Field(description="the previous entry's hash (64 zeros before the first)")
+    hash: str = Field(description="sha256(prev_hash bytes || canonical entry), hex")
+    event_id: int | None = Field(description="the event's id in GET …/events (not hashed)")
+
+
+class AuditPositionPublic(BaseModel):
+    seq: int
+    hash: str
+
+
+class AuditVerificationPublic(BaseModel):
+    """What verifying an audit chain found, and where the chain stands (keep ``head`` as an anchor)."""
+
+    ok: bool
+    chain: str
+    entries_checked: int
+    head: AuditPositionPublic | None = Field(description="the chain's head as recorded; null: no entry yet")
+    last_verified: AuditPositionPublic | None
+    problem: Problem | None = Field(description="why the chain failed verification; null when ok")
+    first_bad_seq: int | None
     detail: str
 
 

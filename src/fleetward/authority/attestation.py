@@ -58,6 +58,8 @@ class DeviceStanding:
     tenant_id: str
     identity_key: ec.EllipticCurvePublicKey
     revoked: bool
+    #: quarantined, or restricted by its health: its certificate is for remediation only
+    restricted: bool = False
 
 
 @dataclass(frozen=True)

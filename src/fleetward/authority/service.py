@@ -49,6 +49,7 @@ from fleetward.store.schema import (
     certificate_authorities,
     certificates,
     consumed_nonces,
+    device_health,
     devices,
     reference_values,
     security_floors,
@@ -95,6 +96,7 @@ class _Draft:
     nonce: Nonce
     answer: EnrollmentResponse
     row: dict[str, object]
+    restricted: bool = False
 
     @property
     def device_id(self) -> str:
@@ -413,7 +415,8 @@ class AuthorityService:
                         at=now,
                         kind="attestation",
                         code="certificate_issued",
-                        detail=f"certificate {issued.serial} issued until {issued.not_after.isoformat()}",
+                        detail=f"certificate {issued.serial} issued until {issued.not_after.isoformat()}"
+                        + (" (for remediation: the device is restricted)" if draft.restricted else ""),
                         tenant_id=issued.tenant_id,
                         device_id=issued.device_id,
                     )
@@ -510,7 +513,12 @@ class AuthorityService:
             accepted.device_id,
             serial,
             now,
-            dt.timedelta(seconds=self._limits.certificate_validity_seconds),
+            # conditional access: a restricted device gets a certificate only long enough to remediate
+            dt.timedelta(
+                seconds=self._limits.remediation_certificate_seconds
+                if standing.restricted
+                else self._limits.certificate_validity_seconds
+            ),
             dt.timedelta(seconds=self._limits.certificate_backdate_seconds),
         )
         der = certificate.public_bytes(serialization.Encoding.DER)
@@ -535,7 +543,7 @@ class AuthorityService:
             not_after=not_after,
             renew_after=now + (not_after - now) / 2,
         )
-        return _Draft(accepted.nonce, answer, row)
+        return _Draft(accepted.nonce, answer, row, standing.restricted)
 
     def _signing_issuer(self, tenant_id: str) -> _TenantIssuer:
         cached = self._issuers.get(tenant_id)
@@ -565,9 +573,15 @@ class AuthorityService:
         if not device_ids:
             return {}
         rows = connection.execute(
-            sa.select(devices.c.id, devices.c.tenant_id, devices.c.public_key, devices.c.status).where(
-                devices.c.id.in_(sorted(device_ids))
+            sa.select(
+                devices.c.id,
+                devices.c.tenant_id,
+                devices.c.public_key,
+                devices.c.status,
+                device_health.c.restricted,
             )
+            .outerjoin(device_health, device_health.c.device_id == devices.c.id)
+            .where(devices.c.id.in_(sorted(device_ids)))
         )
         return {
             row.id: attestation.DeviceStanding(
@@ -575,6 +589,7 @@ class AuthorityService:
                 tenant_id=row.tenant_id,
                 identity_key=self._identity_key(bytes(row.public_key)),
                 revoked=row.status == DeviceStatus.REVOKED.value,
+                restricted=row.status == DeviceStatus.QUARANTINED.value or bool(row.restricted),
             )
             for row in rows
         }
@@ -724,6 +739,36 @@ class AuthorityService:
             revoked = self._certificate_in(connection, tenant_id, serial)
         self.trust_bell.ring()
         return revoked
+
+    def revoke_held_certificates(
+        self, connection: Connection, tenant_id: str, device_id: str, actor: str, reason: str
+    ) -> int:
+        """Revoke every certificate the device holds now, in the caller's transaction (a playbook's
+        action): its sessions end, and it must attest again for a new one. The caller rings the bell."""
+        now = self._clock.now()
+        count = self._revoke_certificates(
+            connection,
+            tenant_id,
+            sa.and_(certificates.c.device_id == device_id, certificates.c.not_after > now),
+            RevocationReason.KEY_COMPROMISE,
+            now,
+        )
+        event_log.record(
+            connection,
+            [
+                Event(
+                    at=now,
+                    kind="revocation",
+                    code="certificate_revoked",
+                    detail=f"{count} certificate(s) revoked: {reason}"[:2000],
+                    severity=Severity.WARNING,
+                    tenant_id=tenant_id,
+                    device_id=device_id,
+                    actor=actor,
+                )
+            ],
+        )
+        return count
 
     def _revoke_certificates(
         self,

@@ -16,8 +16,11 @@ import typer
 
 from fleetward.cli import (
     agent_commands,
+    audit_commands,
+    audit_log_commands,
     deployment_commands,
     hub_commands,
+    monitor_commands,
     report_commands,
     resources,
     update_commands,
@@ -234,6 +237,9 @@ report_commands.register(app)
 agent_commands.register(app)
 update_commands.register(app)
 deployment_commands.register(app)
+audit_log_commands.register(app)
+audit_commands.register(app)
+monitor_commands.register(app)
 
 
 def main() -> None:

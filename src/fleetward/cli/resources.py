@@ -18,6 +18,10 @@ from fleetward.client import FleetwardClient, Model
 from fleetward.registry.models import DeviceStatus, OsFeed, Role, UpdatePolicy
 
 TenantOption = Annotated[str | None, typer.Option("--tenant", help="Tenant id or name (else the profile's).")]
+MfaCodeOption = Annotated[
+    str | None,
+    typer.Option("--mfa-code", help="A current code of your authenticator app (when your MFA is on)."),
+]
 
 
 def me(client: FleetwardClient) -> schemas.Me:
@@ -71,6 +75,8 @@ def _group(name: str, help_text: str) -> typer.Typer:
 
 operator_app = _group("operator", "Operators: the people who run fleets.")
 token_app = _group("token", "API tokens: scoped, expiring, stored only as a hash.")
+mfa_app = _group("mfa", "Your MFA: a TOTP authenticator app, needed to create tokens once it is on.")
+operator_app.add_typer(mfa_app)
 tenant_app = _group("tenant", "Tenants: isolated fleets, each with its own CA.")
 role_app = _group("role", "Roles in a tenant: Administrator, Contributor (no deletes), Reader.")
 product_app = _group("product", "Products: what a device is; each comes with five default device groups.")
@@ -142,7 +148,12 @@ def operator_list(context: typer.Context) -> None:
     state: State = context.obj
     with state.client() as client:
         items = client.get_list("/v1/operators", schemas.OperatorPublic)
-    show_list(items, ["email", "name", "can_create_tenants", "id"], title="Operators", as_json=state.as_json)
+    show_list(
+        items,
+        ["email", "name", "can_create_tenants", "mfa_enabled", "id"],
+        title="Operators",
+        as_json=state.as_json,
+    )
 
 
 @operator_app.command("token")
@@ -153,6 +164,7 @@ def operator_token(
     scopes: Annotated[str, typer.Option(help="Comma-separated: read, write, delete, admin.")] = "read",
     tenant: Annotated[str | None, typer.Option(help="Restrict the token to this tenant.")] = None,
     valid_days: Annotated[int | None, typer.Option(min=1, help="Days until it expires.")] = None,
+    mfa_code: MfaCodeOption = None,
 ) -> None:
     """Give another operator a new token (for when theirs expired); the secret is shown once."""
     state: State = context.obj
@@ -161,7 +173,11 @@ def operator_token(
         created = client.post(
             f"/v1/operators/{email}/tokens",
             schemas.TokenCreate(
-                name=name, tenant_id=tenant_id, scopes=scopes.split(","), valid_days=valid_days
+                name=name,
+                tenant_id=tenant_id,
+                scopes=scopes.split(","),
+                valid_days=valid_days,
+                mfa_code=mfa_code,
             ),
             schemas.TokenCreated,
         )
@@ -179,6 +195,7 @@ def token_create(
     scopes: Annotated[str, typer.Option(help="Comma-separated: read, write, delete, admin.")] = "read",
     tenant: Annotated[str | None, typer.Option(help="Restrict the token to this tenant.")] = None,
     valid_days: Annotated[int | None, typer.Option(min=1, help="Days until it expires.")] = None,
+    mfa_code: MfaCodeOption = None,
 ) -> None:
     """Create a token for yourself; the secret is shown once."""
     state: State = context.obj
@@ -187,7 +204,11 @@ def token_create(
         created = client.post(
             "/v1/tokens",
             schemas.TokenCreate(
-                name=name, tenant_id=tenant_id, scopes=scopes.split(","), valid_days=valid_days
+                name=name,
+                tenant_id=tenant_id,
+                scopes=scopes.split(","),
+                valid_days=valid_days,
+                mfa_code=mfa_code,
             ),
             schemas.TokenCreated,
         )
@@ -219,6 +240,50 @@ def token_revoke(context: typer.Context, token_id: str) -> None:
     with state.client() as client:
         client.delete(f"/v1/tokens/{token_id}")
     console.print(f"token {token_id} revoked")
+
+
+@mfa_app.command("enroll")
+def mfa_enroll(context: typer.Context) -> None:
+    """Enrol an authenticator app: prints its secret once. MFA stays pending until `mfa confirm`."""
+    state: State = context.obj
+    with state.client() as client:
+        enrolled = schemas.MfaEnrolled.model_validate_json(client.request("POST", "/v1/me/mfa").content)
+    if state.as_json:
+        console.print_json(enrolled.model_dump_json())
+        return
+    console.print("Add this to your authenticator app (shown once; scan it as a QR code or type the secret):")
+    console.print(enrolled.otpauth_uri, markup=False, highlight=False, soft_wrap=True)
+    console.print(f"Secret (base32): [bold]{enrolled.secret}[/bold]")
+    console.print("Then turn MFA on with the code it shows: fleetward operator mfa confirm CODE")
+
+
+@mfa_app.command("confirm")
+def mfa_confirm(context: typer.Context, code: str) -> None:
+    """Turn your MFA on with a first code from the authenticator app."""
+    state: State = context.obj
+    with state.client() as client:
+        result = client.post("/v1/me/mfa/confirm", schemas.MfaCode(code=code), schemas.MfaStatusPublic)
+    show_one(result, title="MFA", as_json=state.as_json)
+
+
+@mfa_app.command("disable")
+def mfa_disable(
+    context: typer.Context, code: Annotated[str, typer.Option("--code", help="A current code of your app.")]
+) -> None:
+    """Turn your MFA off (or drop a pending enrolment), proven with a current code."""
+    state: State = context.obj
+    with state.client() as client:
+        result = client.post("/v1/me/mfa/disable", schemas.MfaCode(code=code), schemas.MfaStatusPublic)
+    show_one(result, title="MFA", as_json=state.as_json)
+
+
+@mfa_app.command("status")
+def mfa_status(context: typer.Context) -> None:
+    """Whether your MFA is off, pending confirmation, or on."""
+    state: State = context.obj
+    with state.client() as client:
+        result = client.get("/v1/me/mfa", schemas.MfaStatusPublic)
+    show_one(result, title="MFA", as_json=state.as_json)
 
 
 # ------------------------------------------------------------------ tenants and roles
@@ -831,6 +896,13 @@ def event_list(
     kind: Annotated[str | None, typer.Option(help="e.g. attestation, claim, revocation.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
     tenant: TenantOption = None,
+    group_id: Annotated[
+        str | None, typer.Option(help="Only devices now in this device group (its id).")
+    ] = None,
+    since: Annotated[str | None, typer.Option(help="At or after this ISO time.")] = None,
+    until: Annotated[str | None, typer.Option(help="Before this ISO time.")] = None,
+    code: Annotated[str | None, typer.Option(help="e.g. certificate_issued, quarantined.")] = None,
+    severity: Annotated[str | None, typer.Option(help="info, warning or critical.")] = None,
 ) -> None:
     """List the tenant's events, newest first."""
     params: dict[str, str | int] = {"limit": limit}
@@ -838,6 +910,7 @@ def event_list(
         params["device_id"] = device_id
     if kind:
         params["kind"] = kind
+    params.update(query(group_id=group_id, since=since, until=until, code=code, severity=severity))
     list_in_tenant(
         context,
         tenant,

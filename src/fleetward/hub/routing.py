@@ -13,7 +13,8 @@ op            how                what the holder does
                                  ``device_offline``, ``method_timeout``)
 ``desired``   request            pushes the desired patch if the device listens; answers ``pushed``
 ``messages``  publish            sends the device its pending cloud-to-device messages
-``state``     request            answers whether the device is connected
+``state``     request            answers whether the device is connected, and with which certificate
+                                 (its serial)
 ``takeover``  request, publish   a newer connection of the device was accepted by another hub: the
                                  older session here ends, and its saved subscriptions are handed over
 ============  =================  ======================================================================
@@ -130,6 +131,8 @@ class Answer:
     session: tuple[str, ...] | None = None
     #: takeover: the connection here is the newer one, and stays
     newer: bool = False
+    #: state: the serial (hex) of the certificate the connected session presented ("" when not connected)
+    serial: str = ""
 
     def encode(self) -> bytes:
         return _json(
@@ -141,6 +144,7 @@ class Answer:
             pushed=self.pushed,
             session=list(self.session) if self.session is not None else None,
             newer=self.newer,
+            serial=self.serial,
         )
 
     @classmethod
@@ -161,6 +165,7 @@ class Answer:
                 pushed=_typed(fields, "pushed", bool),
                 session=tuple(session) if session is not None else None,
                 newer=_typed(fields, "newer", bool),
+                serial=_serial(fields.get("serial", "")),  # absent in answers of older hubs
             )
         except (KeyError, ValueError) as error:  # binascii.Error is a ValueError
             raise ValueError(f"not a device answer: {error}") from None
@@ -177,6 +182,12 @@ def _object(data: bytes) -> dict[str, Any]:
         raise ValueError("not JSON") from None
     if not isinstance(value, dict):
         raise ValueError("not a JSON object")
+    return value
+
+
+def _serial(value: object) -> str:
+    if not isinstance(value, str) or len(value) > 40 or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError("serial is not a certificate serial in hex")
     return value
 
 
@@ -301,7 +312,10 @@ class DeviceRoutes:
             if message.reply:
                 self.bus.respond(message, Answer().encode())
         elif command.op is Op.STATE:
-            self.bus.respond(message, Answer(connected=hub.is_connected(tenant_id, key)).encode())
+            connected = hub.is_connected(tenant_id, key)
+            identity = hub.connections[key].identity if connected else None
+            answer = Answer(connected=connected, serial=identity.serial if identity is not None else "")
+            self.bus.respond(message, answer.encode())
         else:
             self._taken_over(tenant_id, key, command, message)
 
@@ -458,11 +472,18 @@ class DeviceRouter:
         self.bus.publish(self._subject(tenant_id, device_id), Command(Op.MESSAGES).encode())
 
     async def is_connected(self, tenant_id: str, device_id: str, *, module_id: str | None = None) -> bool:
+        return await self.connected_serial(tenant_id, device_id, module_id=module_id) is not None
+
+    async def connected_serial(
+        self, tenant_id: str, device_id: str, *, module_id: str | None = None
+    ) -> str | None:
+        """The serial (hex) of the certificate the session is connected with; ``None`` when it is not
+        connected. ``TransportError`` when the bus failed or the holder did not answer in time."""
         try:
             answer = await self._request(tenant_id, device_id, Command(Op.STATE), self._timeout, module_id)
         except NoResponders:
-            return False
-        return answer.connected
+            return None
+        return answer.serial if answer.connected else None
 
 
 def now_ns() -> int:

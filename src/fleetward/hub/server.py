@@ -43,6 +43,7 @@ from fleetward.errors import (
 from fleetward.hub import codec, routing, topics
 from fleetward.hub import twin as twin_core
 from fleetward.hub.feed import TelemetryFeed
+from fleetward.hub.meter import DeviceCounters, Meter, Observer
 from fleetward.hub.routing import DeviceRoutes, MethodResult, SessionTaken
 from fleetward.hub.session import (
     Backlog,
@@ -145,6 +146,7 @@ class Hub:
         *,
         bus: Bus | None = None,
         feed: TelemetryFeed | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.store = store
         self.reports = reports or ReportStore(database, clock)
@@ -157,6 +159,9 @@ class Hub:
         self.bus: Bus = bus or LocalBus()
         self.feed = feed or TelemetryFeed(limits.telemetry_stream_buffer, self.bus)
         self.routes = DeviceRoutes(self, self.bus, limits)
+        #: what the monitor is told of each device, once per sampling interval (nothing without a monitor)
+        self.observer = observer
+        self.meter = Meter(limits.hub_max_connections * 2) if observer is not None else None
         #: the live sessions: a device's own, and each of its modules' (each one independent)
         self.connections: dict[SessionKey, DeviceConnection] = {}
         #: device id → the keys of its modules' live sessions (trust ends all of a device's sessions)
@@ -203,6 +208,8 @@ class Hub:
             asyncio.create_task(self.routes.serve(), name="hub-routes"),
             asyncio.create_task(self._flush_events(), name="hub-events"),
         ]
+        if self.observer is not None:
+            self._tasks.append(asyncio.create_task(self._sample(), name="hub-meter"))
         if self.bus.shared:  # in one process the trust bell wakes this hub already
             self._tasks.append(asyncio.create_task(self._hear_trust(), name="hub-trust-bus"))
 
@@ -293,6 +300,21 @@ class Hub:
         async with self.bus.subscribe(subjects.TRUST, max_pending=16) as heard:
             async for _message in heard:
                 self.wake()
+
+    async def _sample(self) -> None:
+        """Hand the monitor what each device did in the last interval."""
+        assert self.meter is not None
+        assert self.observer is not None
+        interval = self.limits.monitor_sample_milliseconds / 1000
+        while True:
+            await asyncio.sleep(interval)
+            samples = self.meter.collect(self.clock.now().timestamp(), interval)
+            if samples:
+                self.observer.observe_samples(samples)
+
+    def counters(self, identity: PeerIdentity) -> DeviceCounters | None:
+        """The meter's counters of the device, if the hub has a monitor to tell."""
+        return None if self.meter is None else self.meter.counters(identity.tenant_id, identity.device_id)
 
     async def _flush_events(self) -> None:
         while True:
@@ -432,6 +454,8 @@ class DeviceConnection(asyncio.Protocol):
         self._writable = True
         self._tasks: set[asyncio.Task[Any]] = set()
         self._bookkeeping: set[asyncio.Task[Any]] = set()
+        #: the device's counters for the monitor (None: no monitor, or not identified yet)
+        self.counted: DeviceCounters | None = None
 
     # ------------------------------------------------------------------ transport events
 
@@ -524,6 +548,10 @@ class DeviceConnection(asyncio.Protocol):
         except AccessRefused as refused:
             self._refuse(refused)
             return False
+        self.counted = self.hub.counters(self.identity)
+        if self.counted is not None:
+            self.counted.live += 1
+            self.counted.attempted(self.peer.rpartition(":")[0])
         return True
 
     def _flush(self) -> None:
@@ -564,6 +592,10 @@ class DeviceConnection(asyncio.Protocol):
         for task in self._tasks:
             task.cancel()
         self._leave()
+        if self.counted is not None:
+            self.counted.live -= 1
+            self.counted.ended()
+            self.counted = None
 
     def _leave(self) -> None:
         """Unregister this connection; a persistent session keeps its subscriptions for the next one.
@@ -618,6 +650,8 @@ class DeviceConnection(asyncio.Protocol):
     def _refuse(self, refused: SecurityRefusal) -> None:
         """Record a security refusal and close the connection."""
         self.hub.security_event(refused.code, refused.message, self.identity, self.peer)
+        if self.counted is not None and isinstance(refused, AccessRefused) and refused.code != "quarantined":
+            self.counted.refused()
         self.close()
 
     def end(self, reason: str, *, code: str, security: bool = True) -> None:
@@ -633,7 +667,10 @@ class DeviceConnection(asyncio.Protocol):
             self._leave()
 
     def send(self, packet: codec.Packet) -> None:
-        self._write(codec.encode(packet))
+        data = codec.encode(packet)
+        if self.counted is not None and isinstance(packet, codec.Publish):
+            self.counted.sent(len(packet.payload))
+        self._write(data)
 
     def _write(self, data: bytes) -> None:
         """Queue plaintext; everything queued in one turn of the loop goes out as one TLS write."""
@@ -812,6 +849,9 @@ class DeviceConnection(asyncio.Protocol):
                 )
             except AccessRefused as refused:
                 self.hub.security_event(refused.code, refused.message, self.identity, self.peer)
+                # a quarantined device asking for its topics back is the narrowing at work, not an attack
+                if self.counted is not None and refused.code != "quarantined":
+                    self.counted.refused()
                 codes.append(codec.SUBACK_FAILURE)
                 continue
             added.add(subscription)
@@ -825,6 +865,8 @@ class DeviceConnection(asyncio.Protocol):
         if packet.qos == 2:
             raise ProtocolViolation("QoS 2 is not supported (as in IoT Hub)", code="qos_unsupported")
         self._limit_rate(len(packet.payload), now)
+        if self.counted is not None:
+            self.counted.received(len(packet.payload))
         identity = self.identity
         assert identity is not None
         decided = self._telemetry_topics.get((packet.topic, self.mode))
@@ -945,6 +987,8 @@ class DeviceConnection(asyncio.Protocol):
         try:
             parsed = monitor_reports.parse_report(kind, body)
             await asyncio.to_thread(self.hub.reports.record, identity.tenant_id, identity.device_id, parsed)
+            if self.hub.observer is not None:
+                self.hub.observer.observe_report(identity.tenant_id, identity.device_id, parsed)
         except InvalidInput as refused:  # PayloadTooLarge too
             self.hub.security_event(refused.code, refused.message, identity, self.peer)
         except FleetwardError as error:  # not committed, not acknowledged: the device sends it again

@@ -28,6 +28,7 @@ from fleetward.store.schema import (
     certificate_authorities,
     certificates,
     cloud_to_device,
+    device_health,
     devices,
     module_twins,
     telemetry,
@@ -84,7 +85,9 @@ class HubStore:
                 ).where(certificates.c.serial == serial)
             ).first()
             device = connection.execute(
-                sa.select(devices.c.tenant_id, devices.c.status).where(devices.c.id == device_id)
+                sa.select(devices.c.tenant_id, devices.c.status, device_health.c.restricted)
+                .outerjoin(device_health, device_health.c.device_id == devices.c.id)
+                .where(devices.c.id == device_id)
             ).first()
         if certificate is None or (certificate.tenant_id, certificate.device_id) != (tenant_id, device_id):
             raise AccessRefused(
@@ -96,7 +99,10 @@ class HubStore:
             raise AccessRefused("the device is not claimed by this tenant", code="device_unclaimed")
         if device.status == DeviceStatus.REVOKED.value:
             raise AccessRefused("the device is revoked", code="device_revoked")
-        return AccessMode.QUARANTINED if device.status == DeviceStatus.QUARANTINED.value else AccessMode.FULL
+        # conditional access: a quarantined device, or one whose health restricts it, keeps only its twin
+        if device.status == DeviceStatus.QUARANTINED.value or device.restricted:
+            return AccessMode.QUARANTINED
+        return AccessMode.FULL
 
     def trust_anchors(self) -> dict[str, tuple[bytes, bytes]]:
         """Per tenant, the DER of its active root and issuing CA: what device certificates chain to."""

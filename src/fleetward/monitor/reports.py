@@ -14,11 +14,12 @@ import datetime as dt
 import hashlib
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import sqlalchemy as sa
 from pydantic import TypeAdapter, ValidationError
+from sqlalchemy.engine import Connection
 
 from fleetward.clock import Clock
 from fleetward.errors import InvalidInput, NotFound, PayloadTooLarge
@@ -48,6 +49,8 @@ ReportKind = Literal[
 REPORT_KINDS: tuple[str, ...] = get_args(ReportKind)
 MAX_FAILURE_REPORT_BYTES = 16 * 1024
 MAX_HEADLINE_CHARS = 200
+#: how far ahead of the server's clock a device's baseline may be dated
+_BASELINE_CLOCK_SKEW = dt.timedelta(minutes=5)
 
 _agent_report: TypeAdapter[AgentReport] = TypeAdapter(AgentReport)
 _SIGNATURE_DOMAIN = b"fleetward-report-signature-v1\x00"
@@ -62,6 +65,10 @@ class ParsedReport:
     headline: str
     occurred_at: dt.datetime
     body: str  # the validated report, as canonical JSON
+    #: the report itself when it is a security baseline (the monitor judges it)
+    baseline: SecurityBaseline | None = field(default=None, compare=False)
+    #: the report itself when it is a failure or a violation
+    failure: AgentReport | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,7 @@ def parse_report(kind: str, body: bytes) -> ParsedReport:
                 f"{len(baseline.blocked)} blocked",
                 baseline.collected_at,
                 baseline.model_dump_json(),
+                baseline,
             )
         report = _agent_report.validate_json(body)
     except ValidationError as error:
@@ -138,6 +146,7 @@ def parse_report(kind: str, body: bytes) -> ParsedReport:
         _headline(report)[:MAX_HEADLINE_CHARS],
         report.occurred_at,
         report.model_dump_json(),
+        failure=report,
     )
 
 
@@ -187,6 +196,8 @@ class ReportStore:
             "body": report.body,
         }
         with self._db.write() as connection:
+            if report.baseline is not None:
+                self._refuse_replay(connection, tenant_id, device_id, report, received_at)
             report_id = connection.execute(
                 sa.insert(device_reports).values(**values).returning(device_reports.c.id)
             ).scalar_one()
@@ -201,6 +212,30 @@ class ReportStore:
             received_at,
             report.body,
         )
+
+    def _refuse_replay(
+        self, connection: Connection, tenant_id: str, device_id: str, report: ParsedReport, now: dt.datetime
+    ) -> None:
+        """A baseline describes an interval ending at ``collected_at``: one not newer than the device's last
+        (a replay, or a copy sent again) or from the future says nothing true about the device now."""
+        if report.occurred_at > now + _BASELINE_CLOCK_SKEW:
+            raise InvalidInput(
+                f"the security baseline is dated {report.occurred_at.isoformat()}, in the future",
+                code="report_from_future",
+            )
+        newest = connection.execute(
+            sa.select(sa.func.max(device_reports.c.occurred_at)).where(
+                device_reports.c.tenant_id == tenant_id,
+                device_reports.c.device_id == device_id,
+                device_reports.c.kind == BASELINE_REPORT,
+            )
+        ).scalar_one()
+        if newest is not None and report.occurred_at <= newest:
+            raise InvalidInput(
+                f"the security baseline of {report.occurred_at.isoformat()} is not newer than the last one "
+                f"({newest.isoformat()}): a replay",
+                code="report_replayed",
+            )
 
     def _scoped(
         self,

@@ -102,6 +102,8 @@ class Operator:
     name: str
     can_create_tenants: bool
     created_at: dt.datetime
+    #: a TOTP second factor is on (confirmed with a first code); the secret itself never leaves the store
+    mfa_enabled: bool = False
 
 
 @dataclass(frozen=True)

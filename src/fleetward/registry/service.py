@@ -13,15 +13,24 @@ import re
 import secrets
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy.engine import Connection, Row
 
+from fleetward.authority.keystore import KeyStore
 from fleetward.clock import Clock
 from fleetward.config import Limits
-from fleetward.errors import Conflict, InvalidInput, NotFound, PermissionDenied, Unauthenticated
+from fleetward.errors import (
+    ConfigurationError,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
+from fleetward.registry import mfa
 from fleetward.registry.access import Principal, format_scopes, parse_scopes
 from fleetward.registry.models import (
     DEFAULT_GROUPS,
@@ -54,6 +63,7 @@ from fleetward.store.schema import (
     role_assignments,
     tenants,
 )
+from fleetward.store.schema import events as event_rows
 from fleetward.store.trust import TrustBell, TrustChange, TrustKind
 from fleetward.wire.identity import check_device_id, device_id_for, load_public_key
 from fleetward.wire.identity import public_key_der as spki_der
@@ -70,16 +80,33 @@ def _secret_sha256(secret: str) -> str:
     return hashlib.sha256(secret.encode("ascii")).hexdigest()
 
 
+#: what the key that seals operators' TOTP secrets is derived for (KeyStore.derive)
+_MFA_KEY_PURPOSE = "operator mfa v1"
+MFA_ISSUER = "fleetward"
+
+
+def _mfa_label(operator_id: str) -> str:
+    """The associated data of an operator's sealed TOTP state: it opens for that operator only."""
+    return f"operator {operator_id}"
+
+
 class RegistryService:
     """Tenants, operators, roles, tokens, products, device groups and devices."""
 
     def __init__(
-        self, database: Database, clock: Clock, limits: Limits, trust_bell: TrustBell | None = None
+        self,
+        database: Database,
+        clock: Clock,
+        limits: Limits,
+        trust_bell: TrustBell | None = None,
+        keystore: KeyStore | None = None,
     ) -> None:
         self._db = database
         self._clock = clock
         self._limits = limits
         self._trust_bell = trust_bell or TrustBell()
+        #: seals operators' TOTP secrets; without it, operator MFA is unavailable
+        self._keystore = keystore
 
     # ---------------------------------------------------------------- validation
 
@@ -178,7 +205,8 @@ class RegistryService:
             can_create_tenants=can_create_tenants,
             created_at=self._clock.now(),
         )
-        connection.execute(operators.insert().values(**operator.__dict__))
+        values = {key: value for key, value in operator.__dict__.items() if key != "mfa_enabled"}
+        connection.execute(operators.insert().values(**values))
         return operator
 
     def list_operators(self, principal: Principal) -> list[Operator]:
@@ -196,11 +224,13 @@ class RegistryService:
         valid_days: int | None = None,
         *,
         for_email: str | None = None,
+        mfa_code: str | None = None,
     ) -> tuple[ApiToken, str]:
         """A new token, never broader nor longer-lived than the caller's own token.
 
         For the caller, or (``for_email``) for another operator: only operators who may create tenants
-        may do that, so that someone whose tokens all expired can be given a new one.
+        may do that, so that someone whose tokens all expired can be given a new one. A caller whose MFA
+        is on gives a current TOTP code (``mfa_code``), whoever the token is for.
         """
         if for_email is not None:
             principal.require_tenant_creation()
@@ -227,6 +257,7 @@ class RegistryService:
             if valid_days is not None:
                 raise InvalidInput("a new token cannot outlive the current one", code="scope_escalation")
             expires_at = principal.token_expires_at  # by default, as long as the current one allows
+        self._require_second_factor(principal, mfa_code, "creating a token")
         with self._db.write() as connection:
             owner_id = principal.operator_id
             if for_email is not None:
@@ -366,6 +397,202 @@ class RegistryService:
             roles=roles,
             can_create_tenants=row.can_create_tenants,
             token_expires_at=row.expires_at,
+        )
+
+    # ---------------------------------------------------------------- operator MFA (TOTP, RFC 6238)
+
+    def mfa_status(self, principal: Principal) -> mfa.MfaStatus:
+        """The caller's MFA: off, pending (enrolled, not confirmed) or on."""
+        with self._db.read() as connection:
+            sealed, enabled_at = self._mfa_row(connection, principal.operator_id, lock=False)
+        return _mfa_status(sealed, enabled_at)
+
+    def enroll_mfa(self, principal: Principal) -> mfa.MfaEnrollment:
+        """A new TOTP secret for the caller, shown once; MFA is pending until :meth:`confirm_mfa`.
+
+        Enrolling again while pending replaces the secret; while MFA is on, it is refused.
+        """
+        self._require_own_mfa_change(principal)
+        secret = mfa.new_secret()
+        account = principal.email.replace(":", "")
+        enrollment = mfa.MfaEnrollment(
+            mfa.base32_secret(secret), mfa.otpauth_uri(secret, account, MFA_ISSUER)
+        )
+        sealed = mfa.seal_state(self._mfa_key(), mfa.TotpState(secret), _mfa_label(principal.operator_id))
+        with self._db.write() as connection:
+            _sealed, enabled_at = self._mfa_row(connection, principal.operator_id)
+            if enabled_at is not None:
+                raise Conflict(
+                    "your MFA is already on: disable it with a current code before enrolling again",
+                    code="mfa_already_enabled",
+                )
+            connection.execute(
+                operators.update()
+                .where(operators.c.id == principal.operator_id)
+                .values(mfa_secret_sealed=sealed, mfa_enabled_at=None)
+            )
+            event_log.record(
+                connection,
+                [self._mfa_event(principal, "mfa_enrolled", "enrolled a TOTP secret (pending confirmation)")],
+            )
+        return enrollment
+
+    def confirm_mfa(self, principal: Principal, code: str) -> None:
+        """Turn the caller's pending MFA on with a first code from the authenticator app."""
+        self._require_own_mfa_change(principal)
+        with self._db.write() as connection:
+            sealed, enabled_at = self._mfa_row(connection, principal.operator_id)
+            if sealed is None:
+                raise Conflict(
+                    "you have no MFA secret to confirm: enrol first (fleetward operator mfa enroll)",
+                    code="mfa_not_enrolled",
+                )
+            if enabled_at is not None:
+                raise Conflict("your MFA is already on", code="mfa_already_enabled")
+            refusal = self._spend_code(connection, principal, sealed, code, "confirming MFA")
+            if refusal is None:
+                connection.execute(
+                    operators.update()
+                    .where(operators.c.id == principal.operator_id)
+                    .values(mfa_enabled_at=self._clock.now())
+                )
+                event_log.record(connection, [self._mfa_event(principal, "mfa_enabled", "turned MFA on")])
+        if refusal is not None:
+            raise refusal  # after the commit, so that the refusal stays recorded
+
+    def disable_mfa(self, principal: Principal, code: str) -> None:
+        """Turn the caller's MFA off (or drop a pending enrolment), proven with a current code."""
+        self._require_own_mfa_change(principal)
+        with self._db.write() as connection:
+            sealed, _enabled_at = self._mfa_row(connection, principal.operator_id)
+            if sealed is None:
+                raise Conflict("you have no MFA to disable", code="mfa_not_enrolled")
+            refusal = self._spend_code(connection, principal, sealed, code, "disabling MFA")
+            if refusal is None:
+                connection.execute(
+                    operators.update()
+                    .where(operators.c.id == principal.operator_id)
+                    .values(mfa_secret_sealed=None, mfa_enabled_at=None)
+                )
+                event_log.record(
+                    connection,
+                    [self._mfa_event(principal, "mfa_disabled", "turned MFA off", severity=Severity.WARNING)],
+                )
+        if refusal is not None:
+            raise refusal
+
+    def _require_second_factor(self, principal: Principal, code: str | None, purpose: str) -> None:
+        """Return if the caller's MFA is off or ``code`` is current (and spend it); refuse otherwise."""
+        with self._db.write() as connection:
+            sealed, enabled_at = self._mfa_row(connection, principal.operator_id)
+            if enabled_at is None or sealed is None:
+                return
+            refusal: PermissionDenied | None
+            if code is None:
+                refusal = PermissionDenied(
+                    f"your MFA is on: {purpose} needs a current code from your authenticator app "
+                    "(--mfa-code, or mfa_code in the API)",
+                    code="mfa_required",
+                )
+                event_log.record(
+                    connection,
+                    [
+                        self._mfa_event(
+                            principal, "mfa_refused", f"{purpose} refused: no MFA code", Severity.WARNING
+                        )
+                    ],
+                )
+            else:
+                refusal = self._spend_code(connection, principal, sealed, code, purpose)
+        if refusal is not None:
+            raise refusal
+
+    def _spend_code(
+        self, connection: Connection, principal: Principal, sealed: bytes, code: str, purpose: str
+    ) -> PermissionDenied | None:
+        """Check ``code`` against the sealed state and re-seal it with the step used; or the refusal.
+
+        A refusal is recorded in ``connection``'s transaction: the caller commits it, then raises.
+        After ``mfa_max_failures`` refusals in ``mfa_failure_window_seconds``, codes are not even looked at.
+        """
+        now = self._clock.now()
+        window = dt.timedelta(seconds=self._limits.mfa_failure_window_seconds)
+        failures = connection.execute(
+            sa.select(sa.func.count())
+            .select_from(event_rows)
+            .where(
+                event_rows.c.tenant_id.is_(None),
+                event_rows.c.kind == "operator",
+                event_rows.c.code == "mfa_refused",
+                event_rows.c.actor == principal.email,
+                event_rows.c.at > now - window,
+            )
+        ).scalar_one()
+        if failures >= self._limits.mfa_max_failures:
+            return PermissionDenied(
+                f"too many refused MFA codes in the last {self._limits.mfa_failure_window_seconds} seconds: "
+                "wait, then try again",
+                code="mfa_throttled",
+            )
+        key, label = self._mfa_key(), _mfa_label(principal.operator_id)
+        state = mfa.open_state(key, sealed, label)
+        step = mfa.verify(state.secret, code, now, window_steps=1, last_used_step=state.last_used_step)
+        if step is None:
+            event_log.record(
+                connection,
+                [
+                    self._mfa_event(
+                        principal,
+                        "mfa_refused",
+                        f"{purpose} refused: wrong or reused MFA code",
+                        Severity.WARNING,
+                    )
+                ],
+            )
+            return PermissionDenied("the MFA code is wrong, out of date or already used", code="mfa_invalid")
+        connection.execute(
+            operators.update()
+            .where(operators.c.id == principal.operator_id)
+            .values(mfa_secret_sealed=mfa.seal_state(key, mfa.TotpState(state.secret, step), label))
+        )
+        return None
+
+    @staticmethod
+    def _mfa_row(
+        connection: Connection, operator_id: str, *, lock: bool = True
+    ) -> tuple[bytes | None, dt.datetime | None]:
+        """The operator's sealed TOTP state and when MFA was turned on; locked, unless told otherwise,
+        for the rest of the transaction (so that a code is spent once)."""
+        statement = sa.select(operators.c.mfa_secret_sealed, operators.c.mfa_enabled_at).where(
+            operators.c.id == operator_id
+        )
+        row = connection.execute(statement.with_for_update() if lock else statement).one()
+        return row.mfa_secret_sealed, row.mfa_enabled_at
+
+    def _mfa_key(self) -> bytes:
+        if self._keystore is None:
+            raise ConfigurationError(
+                "operator MFA needs the key store, and this registry was built without one"
+            )
+        return self._keystore.derive(_MFA_KEY_PURPOSE)
+
+    @staticmethod
+    def _require_own_mfa_change(principal: Principal) -> None:
+        if Scope.ADMIN not in principal.token_scopes:
+            raise PermissionDenied(
+                "changing your MFA needs a token with the 'admin' scope", code="token_scope_missing"
+            )
+
+    def _mfa_event(
+        self, principal: Principal, code: str, detail: str, severity: Severity = Severity.INFO
+    ) -> Event:
+        return Event(
+            at=self._clock.now(),
+            kind="operator",
+            code=code,
+            detail=f"operator {principal.email} {detail}" if code != "mfa_refused" else detail,
+            severity=severity,
+            actor=principal.email,
         )
 
     # ---------------------------------------------------------------- tenants and roles
@@ -929,40 +1156,10 @@ class RegistryService:
     ) -> Device:
         principal.require(tenant_id, Scope.WRITE)
         reason = self._description(reason.strip()) or "no reason given"
-        now = self._clock.now()
-        wanted, kind = (
-            (DeviceStatus.QUARANTINED, TrustKind.QUARANTINED)
-            if quarantined
-            else (DeviceStatus.ACTIVE, TrustKind.RELEASED)
-        )
         with self._db.write() as connection:
-            device = device_in(connection, tenant_id, device_id)
-            if device.status is DeviceStatus.REVOKED:
-                raise Conflict("the device is revoked", code="device_revoked")
-            if device.status is wanted:
-                raise Conflict(f"the device is already {wanted.value}", code=f"already_{wanted.value}")
-            connection.execute(
-                devices.update()
-                .where(devices.c.id == device.id, devices.c.tenant_id == tenant_id)
-                .values(status=wanted.value)
+            changed = set_quarantine(
+                connection, tenant_id, device_id, quarantined, reason, principal.email, self._clock.now()
             )
-            trust.record(connection, [TrustChange(tenant_id, device.id, kind, now)])
-            event_log.record(
-                connection,
-                [
-                    Event(
-                        at=now,
-                        kind="quarantine",
-                        code=kind.value,
-                        detail=f"device {kind.value}: {reason}",
-                        severity=Severity.WARNING if quarantined else Severity.INFO,
-                        tenant_id=tenant_id,
-                        device_id=device.id,
-                        actor=principal.email,
-                    )
-                ],
-            )
-            changed = device_in(connection, tenant_id, device.id)
         self._trust_bell.ring()
         return changed
 
@@ -989,8 +1186,16 @@ class RegistryService:
         kind: str | None = None,
         since: dt.datetime | None = None,
         limit: int = 100,
+        group_id: str | None = None,
+        until: dt.datetime | None = None,
+        code: str | None = None,
+        severity: Severity | None = None,
     ) -> list[Event]:
+        """The tenant's events, newest first, by device, group (its devices now), kind, code, severity and
+        time (``since`` inclusive, ``until`` exclusive)."""
         principal.require(tenant_id, Scope.READ)
+        if since is not None and until is not None and since > until:
+            raise InvalidInput("since is after until", code="bad_time_range")
         with self._db.read() as connection:
             return event_log.query(
                 connection,
@@ -999,6 +1204,10 @@ class RegistryService:
                 kind=kind,
                 since=since,
                 limit=max(1, min(limit, self._limits.max_list_items)),
+                group_id=group_id,
+                until=until,
+                code=code,
+                severity=severity,
             )
 
     # ---------------------------------------------------------------- helpers
@@ -1057,7 +1266,32 @@ def _operator(row: Row[Any]) -> Operator:
         name=row.name,
         can_create_tenants=row.can_create_tenants,
         created_at=row.created_at,
+        mfa_enabled=row.mfa_enabled_at is not None,
     )
+
+
+def _mfa_status(sealed: bytes | None, enabled_at: dt.datetime | None) -> mfa.MfaStatus:
+    if sealed is None:
+        return mfa.MfaStatus.OFF
+    return mfa.MfaStatus.PENDING if enabled_at is None else mfa.MfaStatus.ON
+
+
+class OperatorWithoutMfa(NamedTuple):
+    operator_id: str
+    email: str
+    role: Role
+
+
+def operators_without_mfa(connection: Connection, tenant_id: str) -> list[OperatorWithoutMfa]:
+    """The operators holding a role in ``tenant_id`` whose MFA is not on (off, or enrolled but not
+    confirmed), by email: what the audit check "operators without MFA" reports."""
+    rows = connection.execute(
+        sa.select(operators.c.id, operators.c.email, role_assignments.c.role)
+        .join(role_assignments, role_assignments.c.operator_id == operators.c.id)
+        .where(role_assignments.c.tenant_id == tenant_id, operators.c.mfa_enabled_at.is_(None))
+        .order_by(operators.c.email)
+    ).all()
+    return [OperatorWithoutMfa(row.id, row.email, Role(row.role)) for row in rows]
 
 
 def _token(row: Row[Any]) -> ApiToken:
@@ -1119,3 +1353,50 @@ def _device(row: Row[Any]) -> Device:
         revoked_at=row.revoked_at,
         last_attested_at=row.last_attested_at,
     )
+
+
+def set_quarantine(
+    connection: Connection,
+    tenant_id: str,
+    device_id: str,
+    quarantined: bool,
+    reason: str,
+    actor: str,
+    now: dt.datetime,
+) -> Device:
+    """Quarantine or release a device in the caller's transaction (an operator's request, or a playbook's).
+
+    The caller rings the trust bell once the transaction commits.
+    """
+    wanted, kind = (
+        (DeviceStatus.QUARANTINED, TrustKind.QUARANTINED)
+        if quarantined
+        else (DeviceStatus.ACTIVE, TrustKind.RELEASED)
+    )
+    device = device_in(connection, tenant_id, device_id)
+    if device.status is DeviceStatus.REVOKED:
+        raise Conflict("the device is revoked", code="device_revoked")
+    if device.status is wanted:
+        raise Conflict(f"the device is already {wanted.value}", code=f"already_{wanted.value}")
+    connection.execute(
+        devices.update()
+        .where(devices.c.id == device.id, devices.c.tenant_id == tenant_id)
+        .values(status=wanted.value)
+    )
+    trust.record(connection, [TrustChange(tenant_id, device.id, kind, now)])
+    event_log.record(
+        connection,
+        [
+            Event(
+                at=now,
+                kind="quarantine",
+                code=kind.value,
+                detail=f"device {kind.value}: {reason}",
+                severity=Severity.WARNING if quarantined else Severity.INFO,
+                tenant_id=tenant_id,
+                device_id=device.id,
+                actor=actor,
+            )
+        ],
+    )
+    return device_in(connection, tenant_id, device.id)

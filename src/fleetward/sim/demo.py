@@ -48,6 +48,7 @@ from fleetward.sim.agents import (
     remove_agents,
 )
 from fleetward.sim.fleet import SimulatedDevice, image_digest, measurement
+from fleetward.sim.monitor import RogueStory
 from fleetward.sim.story import AgentStory
 from fleetward.sim.story import Panel as AgentPanel
 from fleetward.sim.updates import UpdateOperator, UpdateStory
@@ -70,6 +71,8 @@ DEMO_AGENT_VALUES: dict[str, object] = {
     "sandbox.stop_grace_seconds": 1.0,
     "updates.trial_seconds": 1.0,
     "updates.notice_seconds": 0.2,
+    "updates.poll_seconds": 2.0,
+    "hub.quarantine_retry_seconds": 1.0,
 }
 
 
@@ -200,6 +203,16 @@ def _farm(
                 groups["Field Test"],
                 [(panel.name, panel.running) for panel in panels],
                 lambda version, broken: panel_monitor_package(tenant_id, version, broken=broken),
+            ).run()
+            await RogueStory(
+                console,
+                operator,
+                tenant_id,
+                product_id,
+                updates,
+                groups["Field Test"],
+                [(panel.name, panel.running) for panel in panels],
+                lambda version: panel_monitor_package(tenant_id, version),
             ).run()
             await story.revoke(panels[-1])
             kept, revoked = panels[0], panels[-1]

@@ -441,6 +441,8 @@ device_updates = Table(
     Column("components", Text, nullable=False, default="[]"),  # what it reported running, JSON
     Column("assigned_at", UtcDateTime, nullable=True),
     Column("reported_at", UtcDateTime, nullable=True),
+    # when it last reached ``installed`` (migration 0006): a release policy wants an attestation after it
+    Column("installed_at", UtcDateTime, nullable=True),
     Index("ix_device_updates_tenant_deployment", "tenant_id", "deployment_id", "state"),
 )
 
@@ -522,14 +524,14 @@ detector_state = Table(
 notice_destinations = Table(
     "notice_destinations",
     metadata,
-    # Where playbooks send alerts: webhooks (their signing secret sealed) and syslog/CEF collectors.
+    # Where playbooks send alerts: webhooks (their signing secret is derived from the master key, never
+    # stored) and syslog/CEF collectors.
     Column("id", String(ID), primary_key=True),
     Column("tenant_id", String(ID), ForeignKey("tenants.id"), nullable=False),
     Column("name", String(NAME), nullable=False),
     Column("kind", String(16), nullable=False),  # webhook | syslog
     Column("target", String(1024), nullable=False),  # the URL, or syslog host:port
     Column("options", Text, nullable=False),  # JSON: syslog transport, …
-    Column("sealed_secret", LargeBinary, nullable=True),
     Column("created_at", UtcDateTime, nullable=False),
     UniqueConstraint("tenant_id", "name"),
 )

@@ -816,7 +816,8 @@ class DeploymentService:
                 .where(
                     devices.c.tenant_id == tenant_id,
                     devices.c.group_id == row.group_id,
-                    devices.c.status == DeviceStatus.ACTIVE.value,
+                    # a quarantined device too: an update is how it is remediated
+                    devices.c.status != DeviceStatus.REVOKED.value,
                     sa.or_(
                         device_updates.c.device_id.is_(None),
                         device_updates.c.deployment_id.is_(None),
@@ -1107,6 +1108,9 @@ class DeploymentService:
                 if refused_before and refusal is None and "code" not in values:
                     # it refuses no longer, and its results tell nothing yet
                     values.update(state=core.DeviceState.ASSIGNED.value, code=None, message="")
+                installed = core.DeviceState.INSTALLED.value
+                if values.get("state") == installed and row.state != installed:
+                    values["installed_at"] = now
             connection.execute(
                 device_updates.update()
                 .where(
@@ -1305,10 +1309,12 @@ def _device_state(
     (older deployments' are ignored); else installed once it runs every assigned image."""
     running = {(item.component_id, item.sha256) for item in report.components}
     results = [result for result in report.results if result.deployment_id == deployment_id]
-    values: dict[str, object] = {
-        "bytes_downloaded": sum(result.bytes_downloaded for result in results),
-        "bytes_saved": sum(result.bytes_saved for result in results),
-    }
+    values: dict[str, object] = {}
+    if results:  # a later report without them (the director has them) leaves the counts as they were
+        values.update(
+            bytes_downloaded=sum(result.bytes_downloaded for result in results),
+            bytes_saved=sum(result.bytes_saved for result in results),
+        )
     if refusal is not None:
         message = (REFUSED + (refusal.message or refusal.code))[:MAX_MESSAGE_CHARS]
         values.update(state=core.DeviceState.FAILED.value, code=refusal.code, message=message)

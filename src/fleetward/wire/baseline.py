@@ -2,7 +2,8 @@
 
 The metric set is the device side of AWS IoT Device Defender's: listening TCP and UDP ports, established
 TCP connections, the remote addresses contacted, and bytes and packets in and out; plus the connections
-the agent's allow-listing proxy blocked. The agent sends one report per interval as telemetry with the
+the agent's allow-listing proxy blocked, and those it let through (``allowed``, which older agents leave
+empty). The agent sends one report per interval as telemetry with the
 property ``fleetward-report=security-baseline`` (:data:`REPORT_PROPERTY`); the monitor judges it.
 Every list is bounded, and a report says when it had to leave entries out (``truncated``).
 """
@@ -23,6 +24,7 @@ MAX_LISTENING = 256
 MAX_CONNECTIONS = 1024
 MAX_DESTINATIONS = 512
 MAX_BLOCKED = 256
+MAX_ALLOWED = 256
 MAX_BASELINE_BYTES = 256 * 1024
 
 Port = Annotated[int, Field(ge=0, le=65535)]
@@ -80,6 +82,16 @@ class BlockedConnection(_Record):
     count: Counter
 
 
+class AllowedConnection(_Record):
+    """A destination the agent's proxy let an application reach (its manifest declares it), and how often:
+    what the audit compares with what the manifest declares."""
+
+    component_id: Annotated[str, StringConstraints(max_length=64)]
+    host: HostName
+    port: Port
+    count: Counter
+
+
 class Traffic(_Record):
     """Totals over the interval, on every interface but loopback."""
 
@@ -97,6 +109,7 @@ class SecurityBaseline(_Record):
     established: tuple[Connection, ...] = Field(default=(), max_length=MAX_CONNECTIONS)
     destinations: tuple[Destination, ...] = Field(default=(), max_length=MAX_DESTINATIONS)
     blocked: tuple[BlockedConnection, ...] = Field(default=(), max_length=MAX_BLOCKED)
+    allowed: tuple[AllowedConnection, ...] = Field(default=(), max_length=MAX_ALLOWED)
     traffic: Traffic = Traffic()
     #: entries left out because a list reached its bound
     truncated: Counter = 0

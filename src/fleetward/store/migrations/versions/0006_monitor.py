@@ -129,7 +129,6 @@ def upgrade() -> None:
         sa.Column("kind", sa.String(length=16), nullable=False),
         sa.Column("target", sa.String(length=1024), nullable=False),
         sa.Column("options", sa.Text(), nullable=False),
-        sa.Column("sealed_secret", sa.LargeBinary(), nullable=True),
         sa.Column("created_at", fleetward.store.schema.UtcDateTime(), nullable=False),
         sa.ForeignKeyConstraint(
             ["tenant_id"], ["tenants.id"], name=op.f("fk_notice_destinations_tenant_id_tenants")
@@ -226,16 +225,21 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("hash", sa.String(length=64), nullable=True))
         batch_op.create_unique_constraint(batch_op.f("uq_events_chain_chain_seq"), ["chain", "chain_seq"])
 
+    with op.batch_alter_table("device_updates", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("installed_at", fleetward.store.schema.UtcDateTime(), nullable=True))
+
     with op.batch_alter_table("operators", schema=None) as batch_op:
         batch_op.add_column(sa.Column("mfa_secret_sealed", sa.LargeBinary(), nullable=True))
         batch_op.add_column(sa.Column("mfa_enabled_at", fleetward.store.schema.UtcDateTime(), nullable=True))
-
 
 
 def downgrade() -> None:
     with op.batch_alter_table("operators", schema=None) as batch_op:
         batch_op.drop_column("mfa_enabled_at")
         batch_op.drop_column("mfa_secret_sealed")
+
+    with op.batch_alter_table("device_updates", schema=None) as batch_op:
+        batch_op.drop_column("installed_at")
 
     with op.batch_alter_table("events", schema=None) as batch_op:
         batch_op.drop_constraint(batch_op.f("uq_events_chain_chain_seq"), type_="unique")
