@@ -34,17 +34,28 @@ def test_the_demo_runs_agents_that_enroll_report_and_are_refused_once_revoked(
     assert "the inverter calibration table is missing" in shown
     assert "Every panel still runs panel-monitor 2.1.0" in shown
     assert "every panel runs panel-monitor 2.2.1, kept after its trial" in shown
+    assert "its panel-monitor phones home" in shown
+    assert "quarantined" in shown
+    assert "by the playbook: alert undeclared_destination (high)" in shown
+    assert "was released by policy" in shown
+    assert "No other panel was touched" in shown
+    assert "hash-chained" in shown
+    assert "verified." in shown
     database = Database(f"sqlite:///{tmp_path / 'fleetward.db'}")
     try:
         with database.read() as connection:
             claimed = connection.execute(sa.select(sa.func.count()).select_from(devices)).scalar_one()
-            issued = connection.execute(sa.select(certificates.c.revoked_at)).all()
+            issued = connection.execute(sa.select(certificates.c.device_id, certificates.c.revoked_at)).all()
             refusals = connection.execute(
                 sa.select(events.c.code).where(events.c.kind == "attestation", events.c.severity == "warning")
             ).scalars()
             assert claimed == 5  # three panels, the outdated one and the tampered one
-            assert len(issued) == 4  # three enrollments and one renewal
-            assert sum(row.revoked_at is not None for row in issued) == 1
+            # three enrollments, one renewal, and an attestation after every update kept (the certificate
+            # attests what runs), the rogue panel's remediation certificates among them
+            assert len({row.device_id for row in issued}) == 3
+            assert len(issued) >= 4 + 3
+            # the revoked panel's certificates, and only its, are revoked
+            assert len({row.device_id for row in issued if row.revoked_at is not None}) == 1
             assert sorted(refusals) == [
                 "device_revoked",  # the revoked panel's agent, asking again once the hub refused it
                 "device_unclaimed",

@@ -17,6 +17,7 @@ import pytest
 from fleetward.api import schemas
 from fleetward.api import schemas_monitor as monitor_schemas
 from fleetward.compose import Services
+from fleetward.config import Limits
 from fleetward.errors import InvalidInput
 from fleetward.hub.meter import Meter
 from fleetward.monitor.detect import CloudSample
@@ -42,18 +43,25 @@ class RecordingSinks(SinkFactory):
         return self.sinks.setdefault(destination.name, RecordingSink())
 
 
-@pytest.fixture
-async def monitor(services: Services) -> AsyncIterator[Monitor]:
-    async with Monitor(
+def monitor_of(
+    services: Services, *, limits: Limits | None = None, sinks: SinkFactory | None = None
+) -> Monitor:
+    """A monitor of ``services``, as the server builds one, to be turned by hand."""
+    return Monitor(
         services.database,
         services.clock,
-        services.settings.limits,
+        limits or services.settings.limits,
         services.health,
         services.playbooks,
         services.keystore,
         services.trust_bell,
-        sink_factory=RecordingSinks(services),
-    ) as running:
+        sink_factory=sinks,
+    )
+
+
+@pytest.fixture
+async def monitor(services: Services) -> AsyncIterator[Monitor]:
+    async with monitor_of(services, sinks=RecordingSinks(services)) as running:
         yield running
 
 
@@ -263,15 +271,7 @@ async def test_a_flood_of_samples_is_bounded_and_counted_not_queued_without_end(
     services: Services, tenant: TenantSetup
 ) -> None:
     limits = services.settings.limits
-    bounded = Monitor(
-        services.database,
-        services.clock,
-        type(limits)(monitor_queue_max=100),
-        services.health,
-        services.playbooks,
-        services.keystore,
-        services.trust_bell,
-    )
+    bounded = monitor_of(services, limits=type(limits)(monitor_queue_max=100))
     now = services.clock.now().timestamp()
     bounded.observe_samples(
         [CloudSample(tenant.id, f"{n:064x}", None, now, 1.0, messages_in=1) for n in range(150)]
@@ -364,15 +364,7 @@ async def test_a_tenants_own_detection_rules_are_validated_kept_and_used_after_a
             monitor_schemas.DetectionRules(rules=[{**rule, "window_seconds": -1}]),
             monitor_schemas.DetectionRules,
         )
-    async with Monitor(
-        services.database,
-        services.clock,
-        services.settings.limits,
-        services.health,
-        services.playbooks,
-        services.keystore,
-        services.trust_bell,
-    ) as restarted:
+    async with monitor_of(services) as restarted:
         assert [item.name for item in restarted.detector.rules(tenant.id)] == ["chatty"]
     tenant.client.put(path, monitor_schemas.DetectionRules(rules=[]), monitor_schemas.DetectionRules)
     assert tenant.client.get(path, monitor_schemas.DetectionRules).rules == []
@@ -393,15 +385,7 @@ async def test_what_the_baselines_learned_of_a_device_outlives_a_restart(
     learned = monitor.detector.snapshot_device(tenant.id, device.device_id)
     assert learned is not None
     assert monitor.save_learned() == 1
-    async with Monitor(
-        services.database,
-        services.clock,
-        services.settings.limits,
-        services.health,
-        services.playbooks,
-        services.keystore,
-        services.trust_bell,
-    ) as restarted:
+    async with monitor_of(services) as restarted:
         assert restarted.detector.snapshot_device(tenant.id, device.device_id) is None
         restarted.observe_samples(
             [CloudSample(tenant.id, device.device_id, None, now + 31, 1.0, messages_in=1)]

@@ -82,7 +82,9 @@ class ReleasePolicy(_Strict):
     software of its (quarantine) group's deployment, with no new alert at or above ``quiet_severity``."""
 
     on_remediation: bool = True
-    quiet_severity: Literal["low", "medium", "high", "critical"] = "medium"
+    #: high by default: setting a device aside and remediating it (sessions ended, re-attestations, an
+    #: update) itself makes medium alerts of its connections; those say nothing of the device
+    quiet_severity: Literal["low", "medium", "high", "critical"] = "high"
 
 
 class PlaybookSpec(_Strict):
