@@ -1,6 +1,6 @@
 """The detection core on a realistic clean fleet: an hour of 200 devices doing nothing wrong gives no finding
 of medium severity or more and only a handful of low ones; rogue devices slipped into the same fleet are
-found. The fleet is ``bench.detect.CleanFleet`` (the benchmark runs it with 1,000 devices)."""
+found. The fleet is ``fleetward.sim.clean_fleet.CleanFleet`` (``bench.monitor`` runs 1,000 devices)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
-from bench.detect import START, CleanFleet, Report, SimulatedDevice, judge
 
 from fleetward.monitor.detect import CloudSample, Detector, Finding, FindingSeverity
+from fleetward.sim.clean_fleet import START, CleanFleet, Report, SimulatedDevice, judge
 from fleetward.wire.baseline import BlockedConnection, SecurityBaseline
 
 DEVICES = 200
