@@ -12,13 +12,14 @@ import datetime as dt
 import json
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 
 from fleetward.api import schemas
 from fleetward.api import schemas_monitor as monitor_schemas
 from fleetward.compose import Services
 from fleetward.config import Limits
-from fleetward.errors import InvalidInput
+from fleetward.errors import AttestationRefused, InvalidInput
 from fleetward.hub.meter import Meter
 from fleetward.monitor.detect import CloudSample
 from fleetward.monitor.playbook_service import Destination
@@ -26,9 +27,10 @@ from fleetward.monitor.playbooks import Approval, Condition, MoveToGroup, Notify
 from fleetward.monitor.reports import parse_report
 from fleetward.monitor.service import Monitor, SinkFactory
 from fleetward.monitor.sinks import NoticeSink, RecordingSink
-from fleetward.sim.fleet import SimulatedDevice
+from fleetward.server import BackgroundServer
+from fleetward.sim.fleet import SimulatedDevice, measurement
 from fleetward.wire.baseline import SecurityBaseline
-from tests.conftest import TenantSetup, healthy_software, make_tenant
+from tests.conftest import AGENT, APP, TenantSetup, healthy_software, make_tenant
 from tests.waiting import eventually
 
 
@@ -412,3 +414,37 @@ def test_a_forged_security_baseline_is_refused_saying_what_is_wrong(forged: dict
     with pytest.raises(InvalidInput) as refused:
         parse_report("security-baseline", json.dumps(forged).encode())
     assert refused.value.code == "report_malformed"
+
+
+async def test_a_refused_attestation_of_tampered_software_is_a_critical_alert_that_restricts_the_device(
+    services: Services, server: BackgroundServer, tenant: TenantSetup, monitor: Monitor
+) -> None:
+    honest = claimed(tenant, "honest")
+    tampered = SimulatedDevice("tampered", (measurement(*AGENT), measurement(*APP, tampered=True)))
+    tenant.claim(tampered)
+    async with httpx.AsyncClient(timeout=30) as http:
+        await honest.enroll(server.url, http)
+        with pytest.raises(AttestationRefused) as refused:
+            await tampered.enroll(server.url, http)
+    assert refused.value.code == "measurement_unknown"
+    await monitor.turn()  # the monitor follows the event log: the refusal is there
+
+    [alert] = alerts_of(tenant)
+    assert (alert.device_id, alert.code, alert.severity, alert.detector) == (
+        tampered.device_id,
+        "attestation_refused",
+        "critical",
+        "attestation",
+    )
+    health = tenant.client.get(
+        f"/v1/tenants/{tenant.id}/devices/{tampered.device_id}/health", monitor_schemas.HealthPublic
+    )
+    assert (health.state, health.restricted) == ("unhealthy", True)
+    assert {reason.code for reason in health.reasons} >= {"attestation_failed", "alert:attestation_refused"}
+    # a device that attested well is judged healthy, and nothing of the other touches it
+    fine = tenant.client.get(
+        f"/v1/tenants/{tenant.id}/devices/{honest.device_id}/health",
+        monitor_schemas.HealthPublic,
+        {"refresh": "true"},
+    )
+    assert (fine.state, fine.restricted) == ("healthy", False)

@@ -161,9 +161,9 @@ def downgrade_in(connection: Connection, tenant_id: str, device_id: str, group_i
 def gather(connection: Connection, tenant_id: str, device_id: str, now: dt.datetime) -> HealthFacts:
     """Everything :func:`judge` needs of one device, read in the caller's transaction."""
     device = connection.execute(
-        sa.select(devices.c.status, devices.c.last_attested_at, devices.c.group_id).where(
-            devices.c.id == device_id, devices.c.tenant_id == tenant_id
-        )
+        sa.select(devices.c.status, devices.c.last_attested_at, devices.c.group_id)
+        .where(devices.c.id == device_id, devices.c.tenant_id == tenant_id)
+        .with_for_update()  # two processes judging one device take turns (in a write transaction)
     ).first()
     if device is None:
         raise NotFound("no such device in this tenant", code="device_not_found")

@@ -269,6 +269,17 @@ class Monitor:
         for tenant_id in sorted({finding.tenant_id for finding in findings}):
             mine = [finding for finding in findings if finding.tenant_id == tenant_id]
             with self._db.write() as connection:
+                # the devices' rows locked (in order) first: two processes judging the same device take
+                # turns, so an alert is opened and a playbook run once (SQLite's writers take turns anyway)
+                connection.execute(
+                    sa.select(devices.c.id)
+                    .where(
+                        devices.c.tenant_id == tenant_id,
+                        devices.c.id.in_(sorted({finding.device_id for finding in mine})),
+                    )
+                    .order_by(devices.c.id)
+                    .with_for_update()
+                ).all()
                 touched = alert_store.raise_findings(connection, mine, self._group_of)
                 for item in touched:
                     if not item.worse:
@@ -393,7 +404,6 @@ class Monitor:
                 .order_by(events.c.id)
                 .limit(self._limits.monitor_events_per_turn)
             ).all()
-            last = connection.execute(sa.select(sa.func.max(events.c.id))).scalar_one() or 0
         findings: list[Finding] = []
         touched: set[tuple[str, str]] = set()
         for row in rows:
@@ -409,17 +419,15 @@ class Monitor:
                         code="attestation_refused",
                         severity=severity,
                         score=1.0 if severity is FindingSeverity.CRITICAL else 0.8,
-                        summary=f"attestation refused ({row.code}): {row.detail.removeprefix('refused: ')}"[
-                            :300
-                        ],
+                        summary=_attestation_summary(row.code, row.detail),
                         evidence=(Evidence(row.code, 1.0, 0.0, 0.0, row.detail[:200]),),
                         at=row.at.timestamp(),
                     )
                 )
-        # rows are at most a page: the cursor moves to what was read, or to the end when nothing was left
-        self._event_cursor = (
-            int(rows[-1].id) if len(rows) == self._limits.monitor_events_per_turn else int(last)
-        )
+        # the cursor moves to the newest event read (events of no device are read again: the index makes
+        # that cheap), never to a maximum read apart, which a concurrent commit could pass on PostgreSQL
+        if rows:
+            self._event_cursor = int(rows[-1].id)
         return findings, touched
 
     def _groups(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], str | None]:
@@ -505,6 +513,10 @@ class Monitor:
             logger.warning(
                 "notice for alert %d dropped: the queue to %s is full", alert.id, pending.destination
             )
+
+
+def _attestation_summary(code: str, detail: str) -> str:
+    return f"attestation refused ({code}): {detail.removeprefix('refused: ')}"[:300]
 
 
 def _violation_finding(tenant_id: str, device_id: str, report: CapabilityDeniedReport) -> Finding:
