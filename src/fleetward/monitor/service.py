@@ -68,7 +68,7 @@ TAMPERING_SEVERITY = {
     "measurement_below_floor": FindingSeverity.HIGH,
 }
 #: events after which a device's health is judged again
-_HEALTH_KINDS = ("attestation", "quarantine", "revocation", "deployment", "update")
+_HEALTH_KINDS = ("attestation", "quarantine", "revocation")
 
 
 @dataclass

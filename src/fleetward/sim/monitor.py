@@ -94,9 +94,14 @@ class RogueStory:
         seconds = await self._until(
             lambda: self._device(rogue.device_id).status == "quarantined", "the quarantine"
         )
-        [alert] = client.get_list(
-            self._api("/alerts"), monitor_schemas.AlertPublic, {"device_id": rogue.device_id}
-        )
+        # the one the playbook acted on (a device may have low ones too: an address it had not used)
+        [alert] = [
+            found
+            for found in client.get_list(
+                self._api("/alerts"), monitor_schemas.AlertPublic, {"device_id": rogue.device_id}
+            )
+            if found.code == "undeclared_destination"
+        ]
         console.print(
             f"[green]✔[/green] quarantined [bold]{seconds:.1f} s[/bold] after it began, by the playbook: "
             f"alert {alert.code} ({alert.severity}) — {alert.summary}"
