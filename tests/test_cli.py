@@ -30,7 +30,7 @@ from fleetward.server import BackgroundServer, free_port
 from fleetward.service_tls import paths
 from fleetward.sim.fleet import SimulatedDevice
 from fleetward.store.database import Database, head_revision
-from tests.conftest import TenantSetup
+from tests.conftest import TenantSetup, healthy_software
 
 GROUPS = [
     "tenant",
@@ -444,3 +444,63 @@ def test_openapi_prints_the_document_with_the_attestation_paths(
     written = CliRunner().invoke(app, ["openapi", "--output", str(tmp_path / "openapi.json")], env=env)
     assert written.exit_code == 0
     assert json.loads((tmp_path / "openapi.json").read_text()) == document
+
+
+# ------------------------------------------------------------------ the monitor
+
+
+def test_playbooks_destinations_alerts_health_and_rules_through_the_cli(
+    farm: Cli, tenant: TenantSetup
+) -> None:
+    device = SimulatedDevice("panel-cli", healthy_software())
+    tenant.claim(device)
+    group = tenant.groups["Development"].id
+    added = farm.json(
+        "playbook", "destination", "add", "soc", "--kind", "webhook", "--target", "https://soc.example.com/h"
+    )
+    assert added["kind"] == "webhook"
+    assert len(bytes.fromhex(added["secret"])) == 32  # shown once
+    assert [item["secret"] for item in farm.json("playbook", "destination", "list")] == [None]
+    created = farm.json(
+        "playbook",
+        "create",
+        "phone-home",
+        "--code",
+        "undeclared_destination",
+        "--move-to-group",
+        group,
+        "--quarantine",
+        "--notify",
+        "soc",
+    )
+    assert [action["kind"] for action in created["spec"]["actions"]] == [
+        "notify",
+        "move_to_group",
+        "quarantine",
+    ]
+    assert "phone-home" in farm.ok("playbook", "list")
+    assert farm.json("playbook", "enable", "phone-home", "--off")["spec"]["enabled"] is False
+    refused = farm.run("playbook", "create", "nothing")
+    assert refused.exit_code != 0
+    assert "at least one action" in refused.output
+    assert farm.json("alert", "list") == []
+    assert farm.json("playbook", "run", "list") == []
+    shown = farm.ok("health", "show", device.device_id, "--refresh")
+    assert "at_risk" in shown
+    assert "never passed attestation" in shown
+    rules = [
+        {
+            "name": "chatty",
+            "metric": "messages_in",
+            "statistic": "sum",
+            "window_seconds": 10,
+            "comparator": ">=",
+            "threshold": 20,
+            "severity": "medium",
+            "code": "chatty",
+        }
+    ]
+    path = Path(farm.env["FLEETWARD_CLI_CONFIG"] or ".").parent / "rules.json"
+    path.write_text(json.dumps(rules))
+    assert "1 rule(s) set" in farm.ok("detection-rules", "set", str(path))
+    assert json.loads(farm.ok("detection-rules", "show"))["rules"][0]["name"] == "chatty"
