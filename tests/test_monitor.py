@@ -237,6 +237,10 @@ async def test_a_notify_action_sends_the_alert_to_its_destination_with_a_stable_
         f"/v1/tenants/{tenant.id}/notice-destinations", monitor_schemas.DestinationPublic
     )
     assert [item.secret for item in listed] == [None]  # shown once, never again
+    [added] = [event for event in tenant.events(kind="playbook") if event.code == "destination_added"]
+    assert (
+        added.detail == "webhook destination 'soc' → https://soc.example.com"
+    )  # no path: it may hold a token
     add_playbook(
         tenant, PlaybookSpec(name="tell", condition=Condition(), actions=(Notify(destination="soc"),))
     )

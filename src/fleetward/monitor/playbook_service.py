@@ -36,6 +36,7 @@ from fleetward.monitor import playbooks as core
 from fleetward.monitor.alerts import Alert
 from fleetward.monitor.health_service import downgrade_in, group_deployment_installed
 from fleetward.monitor.playbooks import Playbook, PlaybookSpec
+from fleetward.monitor.sinks import check_webhook_url
 from fleetward.registry.access import Principal
 from fleetward.registry.models import DeviceStatus, Scope
 from fleetward.registry.service import group_in, set_quarantine
@@ -334,7 +335,9 @@ class PlaybookService:
                         at=now,
                         kind="playbook",
                         code="destination_added",
-                        detail=f"{kind} destination {name!r} → {target}",
+                        # the webhook's scheme, host and port only: a URL's path often holds a token
+                        detail=f"{kind} destination {name!r} → "
+                        + (check_webhook_url(target) if kind == "webhook" else target),
                         tenant_id=tenant_id,
                         actor=principal.email,
                     )

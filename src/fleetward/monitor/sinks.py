@@ -914,6 +914,7 @@ class RecordingSink:
         self.closed = True
 
 
-def check_webhook_url(url: str) -> None:
-    """Refuse (``InvalidInput``) a URL a :class:`WebhookSink` would not send to, before it is stored."""
-    _webhook_url(url)
+def check_webhook_url(url: str) -> str:
+    """Refuse (``InvalidInput``) a URL a :class:`WebhookSink` would not send to, before it is stored;
+    return what may be said of it (scheme, host and port: a path often holds a token)."""
+    return _webhook_url(url)[1]
