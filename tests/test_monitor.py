@@ -21,6 +21,7 @@ from fleetward.compose import Services
 from fleetward.config import Limits
 from fleetward.errors import AttestationRefused, InvalidInput
 from fleetward.hub.meter import Meter
+from fleetward.monitor import alerts as alert_store
 from fleetward.monitor.detect import CloudSample
 from fleetward.monitor.playbook_service import Destination
 from fleetward.monitor.playbooks import Approval, Condition, MoveToGroup, Notify, PlaybookSpec, Quarantine
@@ -452,3 +453,30 @@ async def test_a_refused_attestation_of_tampered_software_is_a_critical_alert_th
         {"refresh": "true"},
     )
     assert (fine.state, fine.restricted) == ("healthy", False)
+
+
+async def test_repeats_of_the_alert_a_device_was_set_aside_for_do_not_hold_back_its_release(
+    services: Services, tenant: TenantSetup, monitor: Monitor
+) -> None:
+    device = claimed(tenant, "rogue")
+    add_playbook(
+        tenant,
+        PlaybookSpec(name="flood", condition=Condition(codes=("message_flood",)), actions=(Quarantine(),)),
+    )
+    now = services.clock.now().timestamp()
+    monitor.observe_samples(flood(tenant.id, device.device_id, now))
+    await monitor.turn()
+    [run] = runs_of(tenant)
+    assert run.decided_at is not None
+    # what was in flight when its session ended arrives after the run: the same incident, repeated
+    monitor.observe_samples(flood(tenant.id, device.device_id, run.decided_at.timestamp() + 120, seconds=5))
+    await monitor.turn()
+    [alert] = alerts_of(tenant)
+    assert alert.last_seen_at > run.decided_at
+    with services.database.read() as connection:
+        assert (
+            alert_store.raised_since(connection, tenant.id, device.device_id, run.decided_at, run.alert_id)
+            == []
+        )
+        # any other alert since counts
+        assert alert_store.raised_since(connection, tenant.id, device.device_id, run.decided_at) == ["high"]

@@ -660,7 +660,7 @@ class PlaybookService:
                     installed_at=installed_at,
                     downgrade=downgrade_in(connection, run.tenant_id, run.device_id, _home_group(run)),
                     alerts_since=alert_store.raised_since(
-                        connection, run.tenant_id, run.device_id, run.decided_at
+                        connection, run.tenant_id, run.device_id, run.decided_at, run.alert_id
                     ),
                 )
                 due, why = core.release_due(_release_policy(playbook), facts)

@@ -126,14 +126,30 @@ class RogueStory:
         console.print(
             f"The operator rolls {FIXED_VERSION} out to the rest of the Field Test group meanwhile."
         )
-        await updates.follow(rollout.id)
-        seconds = await self._until(
-            lambda: (
-                (device := self._device(rogue.device_id)).status == "active"
-                and device.group_id == self._field_test
-            ),
-            "the release",
-        )
+        settled = await updates.follow(rollout.id)
+        if settled.state != "current":  # a device going back would be given the flawed release again
+            raise RuntimeError(
+                f"the rollout of {FIXED_VERSION} to Field Test ended {settled.state}: {settled.reason}"
+            )
+        try:
+            seconds = await self._until(
+                lambda: (
+                    (device := self._device(rogue.device_id)).status == "active"
+                    and device.group_id == self._field_test
+                ),
+                "the release",
+            )
+        except TimeoutError as waited:  # say what the release policy was waiting for
+            update = await asyncio.to_thread(updates.device, rogue.device_id)
+            loud = client.get_list(
+                self._api("/alerts"),
+                monitor_schemas.AlertPublic,
+                {"device_id": rogue.device_id, "min_severity": "high", "state": "active"},
+            )
+            raise TimeoutError(
+                f"{waited}: its update {update.state} ({update.code or '-'}, running "
+                f"{[item.version for item in update.running]}); high alerts {[(a.id, a.code) for a in loud]}"
+            ) from None
         runs = client.get_list(
             self._api("/playbook-runs"), monitor_schemas.PlaybookRunPublic, {"device_id": rogue.device_id}
         )
