@@ -244,9 +244,9 @@ SET_ASIDE = NOW - HOUR
             False,
             "no attestation",
         ),
-        ({"alerts_since": ("high",)}, False, "alert(s)"),
+        ({"alerts_since": ("critical",)}, False, "alert(s)"),
         # what setting it aside does to its connections (a spike of reconnects) does not hold it back
-        ({"alerts_since": ("low", "medium")}, True, "fresh attestation"),
+        ({"alerts_since": ("low", "medium", "high")}, True, "fresh attestation"),
         # its group still deploys the vulnerable release: going back would undo the remediation
         (
             {"downgrade": "panel-monitor 2.2.1, below the 2.2.2 it runs"},

@@ -230,14 +230,16 @@ def open_of(connection: Connection, tenant_id: str, device_id: str) -> list[Aler
 def raised_since(
     connection: Connection, tenant_id: str, device_id: str, since: dt.datetime, incident: int | None = None
 ) -> list[str]:
-    """Severities of the alerts seen on the device after ``since`` (opened or repeated), but for repeats
-    of the ``incident`` alert: what the device reported of it while it was being set aside (in flight
-    when its session ended) is the same incident, not a new one."""
+    """Severities of the alerts seen on the device after ``since`` (opened or repeated), but for the
+    ``incident`` alert and others of its code: what the device reported of it while it was being set
+    aside (in flight when its session ended, or in its next baseline) is the same incident, not a new
+    one."""
     statement = sa.select(alerts.c.severity).where(
         alerts.c.tenant_id == tenant_id, alerts.c.device_id == device_id, alerts.c.last_seen_at > since
     )
     if incident is not None:
-        statement = statement.where(sa.or_(alerts.c.id != incident, alerts.c.opened_at > since))
+        code = sa.select(alerts.c.code).where(alerts.c.id == incident).scalar_subquery()
+        statement = statement.where(alerts.c.id != incident, alerts.c.code != code)
     rows = connection.execute(statement)
     return [row.severity for row in rows]
 

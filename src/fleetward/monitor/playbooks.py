@@ -82,9 +82,11 @@ class ReleasePolicy(_Strict):
     software of its (quarantine) group's deployment, with no new alert at or above ``quiet_severity``."""
 
     on_remediation: bool = True
-    #: high by default: setting a device aside and remediating it (sessions ended, re-attestations, an
-    #: update) itself makes medium alerts of its connections; those say nothing of the device
-    quiet_severity: Literal["low", "medium", "high", "critical"] = "high"
+    #: critical by default: the fresh attestation on the remediated software is what vouches for the
+    #: device; setting it aside and remediating it (sessions ended, re-attestations, the update's download,
+    #: reports of the incident still in flight) makes alerts of its own, up to high, that say nothing new.
+    #: A device that misbehaves again after its release is set aside again by the same playbook.
+    quiet_severity: Literal["low", "medium", "high", "critical"] = "critical"
 
 
 class PlaybookSpec(_Strict):
