@@ -1110,7 +1110,14 @@ class DeploymentService:
                     values.update(state=core.DeviceState.ASSIGNED.value, code=None, message="")
                 installed = core.DeviceState.INSTALLED.value
                 if values.get("state") == installed and row.state != installed:
-                    values["installed_at"] = now
+                    # when the device kept it (its results say), not when the report came: it attests
+                    # again right after, often before it reports (never later than now: a clock ahead)
+                    kept = [
+                        result.at
+                        for result in report.results
+                        if result.deployment_id == deployment_id and result.state is UpdateState.INSTALLED
+                    ]
+                    values["installed_at"] = min(now, max(kept, default=now))
             connection.execute(
                 device_updates.update()
                 .where(
