@@ -148,7 +148,8 @@ class RogueStory:
             )
             attested = self._device(rogue.device_id).last_attested_at
             raise TimeoutError(
-                f"{waited}: last attested {attested}; its update {update.state} ({update.code or '-'}, running "
+                f"{waited}: last attested {attested}; its update {update.state} ({update.code or '-'}, "
+                "running "
                 f"{[item.version for item in update.running]}); high alerts {[(a.id, a.code) for a in loud]}"
             ) from None
         runs = client.get_list(
