@@ -298,10 +298,13 @@ class Monitor:
         cached = self._playbook_cache.get(tenant_id)
         if cached is not None and time.monotonic() - cached[0] < self._limits.monitor_playbook_cache_seconds:
             return cached[1]
-        with self._db.read() as connection:
-            found = PlaybookService.of_tenant(connection, tenant_id)
+        found = await asyncio.to_thread(self._read_playbooks, tenant_id)  # off the hub's event loop
         self._playbook_cache[tenant_id] = (time.monotonic(), found)
         return found
+
+    def _read_playbooks(self, tenant_id: str) -> list[Playbook]:
+        with self._db.read() as connection:
+            return PlaybookService.of_tenant(connection, tenant_id)
 
     def forget_playbooks(self, tenant_id: str) -> None:
         """A playbook of the tenant changed: read them again at the next alert."""
